@@ -1,0 +1,1 @@
+"""GPU kernels (Triton), each with a PyTorch reference; shipped as ``evosearch.kernels``."""

@@ -1,0 +1,1 @@
+"""Ready search spaces as YAML files, shipped as ``evosearch.spaces``."""
