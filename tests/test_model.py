@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from evosearch.errors import EvosearchError
+from evosearch.model import load_model, resolve_dtype
+
+
+def test_directory_without_tokenizer_is_refused(tmp_path, llama):
+    llama.save_pretrained(tmp_path)
+    with pytest.raises(EvosearchError, match="could not load a causal LM"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_directory_with_model_and_tokenizer(tmp_path, llama, real):
+    _, tokenizer = real
+    llama.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model, loaded_tokenizer = load_model(tmp_path, device="cpu")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    assert torch.allclose(model(ids).logits, llama(ids).logits)
+    assert model.dtype == torch.float32 and not model.training
+    assert loaded_tokenizer("hello")["input_ids"] == tokenizer("hello")["input_ids"]
+
+
+def test_dtype_defaults():
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype(None, torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
+    with pytest.raises(EvosearchError, match="dtype 'int3'"):
+        resolve_dtype("int3", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: p, "not a model directory"),
+    (lambda p: (p / "weights.bin").write_bytes(b"x") and p / "weights.bin", "not a .gguf file"),
+    (lambda p: (p / "broken.gguf").write_bytes(b"GGUF" + b"\0" * 64) and p / "broken.gguf", "not a readable GGUF"),
+])
+def test_bad_model_paths(tmp_path, monkeypatch, make, message):
+    monkeypatch.setenv("EVOSEARCH_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    with pytest.raises(EvosearchError, match=message) as info:
+        load_model(make(tmp_path), device="cpu")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.real
+def test_packaged_model_is_smollm2(real):
+    model, tokenizer = real
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert 134_000_000 < model.num_parameters() < 135_000_000
+    assert tokenizer("The jury", add_special_tokens=False)["input_ids"][0] != tokenizer.bos_token_id
