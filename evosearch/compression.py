@@ -1,0 +1,207 @@
+"""Compression spaces for language models: what may change in a model, as data.
+
+A ``CompressionSpace`` (a YAML file in ``spaces/`` or a Python object) says which units
+of a model are searched (linear layers, attention or MLP blocks), what their levels are
+(sparsities, bit-widths, keep/drop) and how they are built (SparseGPT, Wanda, GPTQ...).
+``materialize`` turns it, for one model and one budget value, into the generic search
+problem: an ``evosearch.Space`` of named units with per-level resources, the ``Budget``,
+and for every (unit, level) the key under which the database stores its weights.
+
+Level spacing follows EvoPress: sparsity levels step by an equal *number of weights*
+around the target, in every layer, so raising one layer a level and lowering another
+keeps the total number of zeros exactly where it is.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from evosearch.errors import EvosearchError
+from evosearch.space import Budget, Space, Unit
+from evosearch.units import Architecture, ModelUnit
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AroundTarget(_Spec):
+    """EvoPress spacing: ``steps`` levels on each side of the target sparsity.
+
+    One step removes ``step`` x (mean size of the searched layers) weights from a layer,
+    the same number in every layer, so level switches keep the total exactly. Levels are
+    named by their step from the target: level 0 is the uniform one, -2 two steps denser.
+    """
+
+    steps: int = Field(8, ge=1, le=64)
+    step: float = Field(0.05, gt=0, le=1)
+
+
+NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+
+class SparsitySpace(_Spec):
+    kind: Literal["sparsity"] = "sparsity"
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    units: Literal["linear"] = "linear"
+    levels: Union[AroundTarget, list[Union[float, str]]] = AroundTarget()
+    max_sparsity: float = Field(0.95, gt=0, lt=1)
+
+    @field_validator("levels")
+    @classmethod
+    def _check_levels(cls, levels):
+        if isinstance(levels, list):
+            if not levels:
+                raise ValueError("levels must not be empty")
+            for level in levels:
+                if isinstance(level, str):
+                    match = NM_PATTERN.match(level)
+                    if not match or int(match[1]) >= int(match[2]):
+                        raise ValueError(f"level {level!r} is not an N:M pattern like '2:4' (N zeros in every M)")
+                elif not 0 <= level < 1:
+                    raise ValueError(f"sparsity level {level} is outside [0, 1)")
+        return levels
+
+
+class DropSpace(_Spec):
+    kind: Literal["drop"] = "drop"
+    units: list[Literal["attention", "mlp", "block"]] = ["attention", "mlp"]
+
+    @field_validator("units")
+    @classmethod
+    def _check_units(cls, units):
+        if "block" in units and len(units) > 1:
+            raise ValueError("drop either whole blocks or attention/MLP blocks, not both")
+        return units
+
+
+class BudgetSpec(_Spec):
+    """How ``--budget VALUE`` is read: the resource, and whether VALUE is an average or a fraction of units."""
+
+    resource: str
+    form: Literal["average", "fraction_of_units", "max_average", "max_total"] = "average"
+    tolerance: float = Field(0.0, ge=0, description="how far an equality budget may be missed")
+
+
+class CompressionSpace(_Spec):
+    name: str = ""
+    description: str = ""
+    compression: Annotated[Union[SparsitySpace, DropSpace], Field(discriminator="kind")]
+    budget: BudgetSpec
+    sampler: dict = Field(default_factory=dict, description="default sampler options for this space")
+
+    @classmethod
+    def load(cls, name_or_path: str | Path) -> "CompressionSpace":
+        """A ready space by name (``sparsity``, ``drop``, ...) or a YAML file."""
+        path = Path(name_or_path)
+        if not path.suffix and not path.exists():
+            path = SPACES_DIR / f"{name_or_path}.yaml"
+            if not path.exists():
+                raise EvosearchError(f"space {str(name_or_path)!r} is not a file or a ready space; ready spaces: "
+                                     f"{', '.join(ready_spaces())}")
+        elif not path.exists():
+            raise EvosearchError(f"space file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise EvosearchError(f"space file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"])
+            raise EvosearchError(f"space file {path}: {where}: {error['msg']}") from None
+
+    def materialize(self, arch: Architecture, budget_value: float) -> "SearchProblem":
+        if isinstance(self.compression, SparsitySpace):
+            return _sparsity_problem(self, self.compression, arch, budget_value)
+        return _drop_problem(self, self.compression, arch, budget_value)
+
+
+def ready_spaces() -> list[str]:
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+
+
+class SearchProblem:
+    """A compression space made concrete for one model and one budget."""
+
+    def __init__(self, spec: CompressionSpace, arch: Architecture, space: Space, budget: Budget,
+                 model_units: dict[str, ModelUnit], keys: dict[str, list[str]]):
+        self.spec = spec
+        self.arch = arch
+        self.space = space
+        self.budget = budget
+        self.model_units = model_units  # unit name -> the model part it stands for
+        self.keys = keys  # unit name -> database key per level ("dense", "drop", "zeros=123", "2:4" ...)
+
+    def key(self, unit: str, level) -> str:
+        return self.keys[unit][self.space.unit(unit).levels.index(level)]
+
+
+def _sparsity_problem(spec: CompressionSpace, comp: SparsitySpace, arch: Architecture, target: float) -> SearchProblem:
+    linears = arch.units("linear")
+    units, keys = [], {}
+    if isinstance(comp.levels, AroundTarget):
+        if not 0 <= target <= comp.max_sparsity:
+            raise EvosearchError(f"--budget {target} is outside this space's range [0, {comp.max_sparsity}] "
+                                 f"of average sparsity")
+        sizes = [u.shape[0] * u.shape[1] for u in linears]
+        step_weights = max(1, round(comp.levels.step * sum(sizes) / len(sizes)))
+        for u, size in zip(linears, sizes):
+            centre = round(target * size)
+            offsets = [k for k in range(-comp.levels.steps, comp.levels.steps + 1)
+                       if 0 <= centre + k * step_weights <= comp.max_sparsity * size]
+            zeros = [centre + k * step_weights for k in offsets]
+            # A level is its step from the target (0 = the uniform level), as in EvoPress.
+            units.append(Unit(name=u.name, levels=offsets, size=size, group="linear",
+                              resources={"sparsity": [z / size for z in zeros], "params": [size - z for z in zeros]}))
+            keys[u.name] = ["dense" if z == 0 else f"zeros={z}" for z in zeros]
+    else:
+        for u in linears:
+            size = u.shape[0] * u.shape[1]
+            ratios = [_level_sparsity(level) for level in comp.levels]
+            units.append(Unit(name=u.name, levels=list(comp.levels), size=size, group=f"{u.shape[0]}x{u.shape[1]}",
+                              resources={"sparsity": ratios, "params": [size * (1 - r) for r in ratios]}))
+            keys[u.name] = ["dense" if r == 0 else (level if isinstance(level, str) else f"zeros={round(r * size)}")
+                            for level, r in zip(comp.levels, ratios)]
+    space = Space(units=units, name=spec.name, description=spec.description)
+    # Whole weights: a layer's zeros are rounded, so an average is exact to one weight per layer.
+    rounding = len(units) / sum(u.size for u in units)
+    return SearchProblem(spec, arch, space, _budget(spec.budget, space, target, rounding),
+                         {u.name: u for u in linears}, keys)
+
+
+def _level_sparsity(level: float | str) -> float:
+    if isinstance(level, str):
+        n, m = map(int, level.split(":"))
+        return n / m
+    return float(level)
+
+
+def _drop_problem(spec: CompressionSpace, comp: DropSpace, arch: Architecture, target: float) -> SearchProblem:
+    model_units = arch.units(tuple(comp.units))
+    units = [Unit(name=u.name, levels=["keep", "drop"], size=u.params, group="drop",
+                  resources={"dropped": [0, 1], "params": [u.params, 0]}) for u in model_units]
+    space = Space(units=units, name=spec.name, description=spec.description)
+    keys = {u.name: ["dense", "drop"] for u in model_units}
+    return SearchProblem(spec, arch, space, _budget(spec.budget, space, target), {u.name: u for u in model_units},
+                         keys)
+
+
+def _budget(spec: BudgetSpec, space: Space, value: float, rounding: float = 0.0) -> Budget:
+    if spec.form == "fraction_of_units":
+        if not 0 <= value <= 1:
+            raise EvosearchError(f"--budget {value} must be a fraction of units between 0 and 1")
+        return Budget(resource=spec.resource, total=round(value * len(space.units)))
+    if spec.form == "average":
+        return Budget(resource=spec.resource, average=value, tolerance=max(rounding, spec.tolerance))
+    if spec.form == "max_average":
+        return Budget(resource=spec.resource, max_average=value)
+    return Budget(resource=spec.resource, max_total=value)

@@ -1,0 +1,204 @@
+"""Build a database: every searched unit at every level, compressed once from calibration data.
+
+The model is processed block by block, so memory holds one block's statistics at a time:
+the calibration hidden states enter block 0, each block's linear layers record the
+Hessian of their inputs (X Xᵀ) while the block runs, the block's units are compressed at
+every level, and the block's dense outputs become the next block's inputs. Propagation
+is dense on purpose: a database serves every mix of levels, so there is no single
+compressed prefix to propagate through.
+
+The same pass records the per-unit statistics that the heuristic baselines need: OWL's
+outlier ratio per block and ShortGPT's block influence (1 - cosine similarity between a
+sub-block's input and output residual stream).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from evosearch.compression import SearchProblem, SparsitySpace
+from evosearch.database.hessian import Hessian
+from evosearch.database.sparsity import SparseGPT, magnitude_prune, wanda_prune
+from evosearch.database.store import Database
+from evosearch.units import Architecture
+
+log = logging.getLogger("evosearch")
+
+OWL_OUTLIER_FACTOR = 5.0  # OWL's M: a weight is an outlier when its Wanda score exceeds M x the layer mean
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states entering a block, one tensor per calibration batch, and the keyword
+    arguments the model passes to every block (attention mask, rotary embeddings...)."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[dict]
+
+
+class _StopForward(Exception):
+    pass
+
+
+@torch.inference_mode()
+def capture_block_inputs(model, arch: Architecture, sequences: torch.Tensor, batch_size: int) -> BlockInputs:
+    """Run the model up to its first block and keep what the block receives."""
+    device = next(model.parameters()).device
+    blocks = arch.blocks
+    first = blocks[0]
+    captured = BlockInputs([], [])
+
+    class Catcher(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            captured.hidden.append(hidden)
+            captured.kwargs.append(kwargs)
+            raise _StopForward
+
+    blocks[0] = Catcher()
+    try:
+        for start in range(0, len(sequences), batch_size):
+            try:
+                model.base_model(input_ids=sequences[start : start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        blocks[0] = first
+    return captured
+
+
+def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.inference_mode()
+def build_database(model, arch: Architecture, problem: SearchProblem, database: Database,
+                   sequences: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> None:
+    """Fill ``database`` with every (unit, level) of ``problem`` it lacks, and the baselines' statistics."""
+    missing = {unit: [k for k in keys if k not in ("dense", "drop") and not database.has(unit, k)]
+               for unit, keys in problem.keys.items()}
+    need_stats = not database.stats
+    if not any(missing.values()) and not need_stats:
+        log.info("database %s is complete", database.root or "(memory)")
+        return
+    comp = problem.spec.compression
+    by_block = defaultdict(list)
+    for unit, keys in missing.items():
+        if keys:
+            by_block[problem.model_units[unit].block].append(unit)
+    last = len(arch.blocks) - 1 if need_stats else max(by_block)
+    inputs = capture_block_inputs(model, arch, sequences, batch_size)
+    for b in tqdm(range(last + 1), desc="database", unit="block", disable=not progress):
+        block = arch.blocks[b]
+        linears = arch.linears(b)
+        hessians = _hessian_hooks(arch, b) if (by_block[b] or need_stats) and isinstance(comp, SparsitySpace) else {}
+        handles = [arch.module(name).register_forward_hook(hook) for name, hook in hessians.get("hooks", {}).items()]
+        influence = _InfluenceMeter(arch, b) if need_stats else None
+        try:
+            outputs = []
+            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+                if influence is not None:
+                    influence.begin(hidden)
+                out = run_block(block, hidden, kwargs)
+                if influence is not None:
+                    influence.end(out)
+                outputs.append(out)
+        finally:
+            for handle in handles:
+                handle.remove()
+            if influence is not None:
+                influence.remove()
+        if influence is not None:
+            for unit, value in influence.results().items():
+                database.stats.setdefault(unit, {})["block_influence"] = value
+        if hessians:
+            per_linear = hessians["per_linear"]
+            if need_stats:
+                database.stats.setdefault(arch.block_name(b), {})["outlier_ratio"] = _outlier_ratio(
+                    [(arch.module(n).weight, per_linear[n].column_norms()) for n in linears])
+            for unit in by_block[b]:
+                _compress_unit(comp, arch.module(unit).weight, per_linear[unit], unit, missing[unit], database)
+        inputs.hidden = outputs
+    database.save_stats()
+
+
+def _hessian_hooks(arch: Architecture, b: int) -> dict:
+    """One Hessian per distinct input: q/k/v share theirs, as do gate/up."""
+    attn_in, attn_out = arch.attention_linears(b)
+    mlp_in, mlp_out = arch.mlp_linears(b)
+    per_linear, hooks = {}, {}
+    for group in (attn_in, [attn_out], mlp_in, [mlp_out]):
+        hessian = Hessian(arch.module(group[0]).in_features, device=arch.module(group[0]).weight.device)
+        for name in group:
+            per_linear[name] = hessian
+        hooks[group[0]] = lambda module, args, output, h=hessian: h.add_batch(args[0])
+    return {"per_linear": per_linear, "hooks": hooks}
+
+
+def _compress_unit(comp: SparsitySpace, weight: torch.Tensor, hessian: Hessian, unit: str, keys: list[str],
+                   database: Database) -> None:
+    solver = SparseGPT(weight, hessian.H) if comp.method == "sparsegpt" else None
+    for key in keys:
+        if ":" in key:
+            n, m = map(int, key.split(":"))
+            sparsity, nm = n / m, (n, m)
+        else:
+            sparsity, nm = int(key.split("=")[1]) / weight.numel(), None
+        if comp.method == "magnitude":
+            pruned = magnitude_prune(weight, sparsity, nm)
+        elif comp.method == "wanda":
+            pruned = wanda_prune(weight, hessian.column_norms(), sparsity, nm)
+        else:
+            pruned = solver.prune(sparsity, nm)
+        database.put(unit, key, {f"{unit}.weight": pruned.to(weight.dtype)})
+
+
+def _outlier_ratio(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """OWL's layerwise outlier distribution: the share of a block's weights whose Wanda score
+    |W_ij| * ||X_j|| exceeds M times its layer's mean score."""
+    outliers, total = 0, 0
+    for weight, norms in layers:
+        score = weight.abs().float() * norms.float()[None, :]
+        outliers += int((score > OWL_OUTLIER_FACTOR * score.mean()).sum())
+        total += score.numel()
+    return outliers / total
+
+
+class _InfluenceMeter:
+    """ShortGPT's block influence per unit: 1 - E[cos(residual in, residual out)] over tokens."""
+
+    def __init__(self, arch: Architecture, b: int):
+        self.arch = arch
+        self.b = b
+        self.names = {kind: u.name for u in arch.units(("attention", "mlp", "block")) if u.block == b
+                      for kind in [u.kind]}
+        self.sums = defaultdict(float)
+        self.count = 0
+        attention = arch.module(f"{arch.block_name(b)}.{arch.family.attention}")
+        self.handle = attention.register_forward_hook(self._attention_output)
+
+    def _attention_output(self, module, args, output):
+        self.attn = output[0] if isinstance(output, tuple) else output
+
+    def begin(self, hidden):
+        self.hidden = hidden
+
+    def end(self, out):
+        mid = self.hidden + self.attn
+        cos = torch.nn.functional.cosine_similarity
+        pairs = {"attention": (self.hidden, mid), "mlp": (mid, out), "block": (self.hidden, out)}
+        for kind, (x, y) in pairs.items():
+            self.sums[kind] += float((1 - cos(x.float(), y.float(), dim=-1)).sum())
+        self.count += self.hidden.shape[0] * self.hidden.shape[1]
+
+    def remove(self):
+        self.handle.remove()
+
+    def results(self) -> dict[str, float]:
+        return {self.names[kind]: value / self.count for kind, value in self.sums.items()}

@@ -1,0 +1,56 @@
+import pytest
+
+from evosearch.compression import CompressionSpace, ready_spaces
+from evosearch.errors import EvosearchError
+from evosearch.units import architecture
+
+
+def test_ready_spaces_load():
+    assert {"sparsity", "sparsity-2of4", "drop"} <= set(ready_spaces())
+    for name in ready_spaces():
+        assert CompressionSpace.load(name).name == name
+
+
+def test_sparsity_levels_step_by_equal_numbers_of_weights(llama):
+    problem = CompressionSpace.load("sparsity").materialize(architecture(llama), 0.5)
+    space = problem.space
+    assert len(space.units) == 2 * 7
+    steps = set()
+    for unit in space.units:
+        zeros = [round(s * unit.size) for s in unit.resources["sparsity"]]
+        steps |= {b - a for a, b in zip(zeros, zeros[1:])}
+        assert 0 in unit.levels  # the uniform level
+        assert unit.resources["sparsity"][unit.levels.index(0)] == pytest.approx(0.5, abs=1 / unit.size)
+    assert len(steps) == 1  # one step, in weights, for every layer
+    uniform = {u.name: 0 for u in space.units}
+    assert problem.budget.is_met(space, uniform)
+    # a level switch between two layers of different size keeps the budget exactly
+    a, b = space.units[0], space.units[-1]
+    assert a.size != b.size
+    switched = dict(uniform, **{a.name: 1, b.name: -1})
+    assert problem.budget.usage(space, switched) == pytest.approx(problem.budget.usage(space, uniform), abs=1e-12)
+    assert problem.key(a.name, 1).startswith("zeros=")
+
+
+def test_nm_and_drop_spaces(llama):
+    arch = architecture(llama)
+    nm = CompressionSpace.load("sparsity-2of4").materialize(arch, 0.4)
+    assert nm.space.units[0].levels == [0.0, "2:4"] and nm.keys[nm.space.units[0].name] == ["dense", "2:4"]
+    drop = CompressionSpace.load("drop").materialize(arch, 0.25)
+    assert [u.name for u in drop.space.units][:2] == ["model.layers.0.self_attn", "model.layers.0.mlp"]
+    assert drop.budget.total == 1  # a quarter of 4 blocks
+
+
+def test_space_errors(tmp_path, llama):
+    with pytest.raises(EvosearchError, match="ready spaces: .*sparsity"):
+        CompressionSpace.load("no-such-space")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("compression: {kind: sparsity, methd: wanda}\nbudget: {resource: sparsity}\n")
+    with pytest.raises(EvosearchError, match="compression.sparsity.methd: Extra inputs are not permitted"):
+        CompressionSpace.load(typo)
+    bad_level = tmp_path / "bad.yaml"
+    bad_level.write_text("compression: {kind: sparsity, levels: [0.0, '5:4']}\nbudget: {resource: sparsity}\n")
+    with pytest.raises(EvosearchError, match="not an N:M pattern"):
+        CompressionSpace.load(bad_level)
+    with pytest.raises(EvosearchError, match="outside this space's range"):
+        CompressionSpace.load("sparsity").materialize(architecture(llama), 0.99)
