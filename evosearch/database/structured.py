@@ -96,8 +96,8 @@ def reform(
     W: torch.Tensor,
     H: torch.Tensor,
     keep: torch.Tensor,
-    rho: float = 1.0,
-    iterations: int = 20,
+    rho: float = 0.3,
+    iterations: int = 30,
     damp: float = 0.0,
     start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[float]]:
@@ -115,7 +115,10 @@ def reform(
 
     H is first scaled to unit diagonal (W's columns scaled to match; the objective and
     the mask are unchanged), so that rho is relative to the inputs' energy and one
-    default serves every layer; (H + rho I) is factored once. The ADMM iterates
+    default serves every layer; (H + rho I) is factored once. On SmolLM2's down_proj
+    with half the channels removed, rho=0.3 gets within 0.1 % of the optimum in about
+    20 iterations; 0.1 converges more slowly there, 1 and above more slowly still.
+    For a column mask ``reform_closed_form`` gives the optimum directly and cheaper. The ADMM iterates
     converge to the constrained least-squares solution (``reform_closed_form`` in the
     column case), but the objective of the feasible iterate Z is NOT monotone in
     general: ADMM decreases a joint primal-dual distance, not E(Z), and for small rho
