@@ -52,7 +52,7 @@ class QuantFormat:
         return c // self.group_size if self.group_size is not None else torch.zeros_like(c)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value to compare by
 class QuantizedWeight:
     """Integer codes (uint8, W's shape), float32 scales and uint8 zeros (out, groups)."""
 

@@ -27,11 +27,13 @@ def weight_saliency(W: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> tor
     """OBS saliency of every weight, W_ij^2 / [H^-1]_jj, shape (out, in), float32.
 
     This is the increase of E when w_ij alone is removed and the other weights of its
-    row are optimally updated (Optimal Brain Surgeon; the score the paper's mask
-    initialisation uses, with H damped by ``damp`` * mean(diag H) so the inverse
-    exists). Summed over a column it is exact for the whole column:
-    ||W_:j||^2 / [H^-1]_jj is the error of deleting input j from every row with the
-    best compensation, which is what deleting one MLP channel from down_proj does.
+    row are optimally updated (Optimal Brain Surgeon, Hassibi & Stork 1993), the
+    Hessian-based importance behind the paper's mask initialisation. SparseGPT's
+    w^2 / [Hinv]_jj^2 is the same quantity: its Hinv is the Cholesky factor of H^-1,
+    and [Hinv]_jj^2 = [H_F^-1]_jj over the columns F = j.. not yet swept. H is damped by ``damp`` * mean(diag H) so the inverse exists. Summed over
+    a column the score is exact for the whole column: ||W_:j||^2 / [H^-1]_jj is the
+    error of deleting input j from every row with the best compensation, which is
+    what deleting one MLP channel from down_proj does.
     """
     L = torch.linalg.cholesky(damped(H.to(W.device), damp))
     Hinv_diag = torch.diagonal(torch.cholesky_inverse(L))
