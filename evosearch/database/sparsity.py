@@ -118,6 +118,9 @@ class SparseGPT:
         if nm is None:
             # Zeros per block, so that the layer total is exact.
             edges = [round(sparsity * rows * min(c, cols)) for c in range(0, cols + bs, bs)]
+        else:
+            m = nm[1]
+            bs = m * max(1, bs // m)  # no N:M group straddles two blocks
 
         for b, i1 in enumerate(range(0, cols, bs)):
             i2 = min(i1 + bs, cols)
@@ -129,7 +132,6 @@ class SparseGPT:
                 saliency = W1**2 / d**2
                 mask1 = _lowest(saliency.reshape(1, -1), edges[b + 1] - edges[b]).reshape(W1.shape)
             else:
-                n, m = nm
                 mask1 = torch.zeros_like(W1, dtype=torch.bool)
 
             for i in range(i2 - i1):
