@@ -3,7 +3,7 @@ import logging
 import torch
 
 from evosearch.database.hessian import Hessian, damped_inverse_cholesky, layer_error
-from tests.conftest import correlated_inputs, hessian_of
+from layer_data import correlated_inputs, hessian_of
 
 
 def test_hessian_is_the_mean_outer_product_whatever_the_batches():

@@ -3,6 +3,7 @@ import torch
 
 from evosearch.database.hessian import layer_error
 from evosearch.database.quantization import GPTQ, QuantFormat, rtn_quantize
+from layer_data import layer  # noqa: F401 (fixture)
 
 FORMATS = [QuantFormat(b, gs, sym) for b in (2, 3, 8) for gs in (None, 100) for sym in (False, True)]
 

@@ -3,6 +3,7 @@ import torch
 
 from evosearch.database.hessian import layer_error
 from evosearch.database.sparsity import SparseGPT, magnitude_prune, nm_mask_ok, wanda_prune
+from layer_data import layer  # noqa: F401 (fixture)
 
 NM_PATTERNS = [(2, 4), (1, 4), (3, 4), (4, 8)]
 

@@ -4,7 +4,7 @@ import torch
 from evosearch.database.hessian import layer_error
 from evosearch.database.sparsity import SparseGPT, magnitude_prune
 from evosearch.database.structured import group_scores, keep_mask, reform, reform_closed_form, weight_saliency
-from tests.conftest import correlated_inputs, hessian_of
+from layer_data import correlated_inputs, hessian_of, layer  # noqa: F401 (fixture)
 
 HEADS = torch.arange(256) // 32  # 8 "heads" of 32 columns
 

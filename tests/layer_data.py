@@ -1,4 +1,7 @@
-"""Shared test data: layer inputs shaped like real activations."""
+"""Test data for the layer-wise algorithms: inputs shaped like real activations.
+
+A plain module the tests import (fixture included), not a conftest.py, so that it
+does not mix with the fixtures of other parts of the test suite."""
 
 import pytest
 import torch
