@@ -1,0 +1,176 @@
+"""Weight quantisation of one linear layer: round-to-nearest and GPTQ.
+
+A format (``QuantFormat``) is a bit-width, a group size along the input dimension
+(``None`` = one group per output row) and a grid type. A quantised weight
+(``QuantizedWeight``) is what export packs: integer ``codes`` in [0, 2^bits - 1] with
+W's shape, and per row and group a float32 ``scale`` and an integer ``zero``, with
+
+    W_hat[r, c] = scale[r, g(c)] * (codes[r, c] - zero[r, g(c)]),   g(c) = c // group_size.
+
+Groups are contiguous in the original column order, also under GPTQ's act_order; the
+last group is shorter when group_size does not divide in_features.
+
+Grids (as in the GPTQ reference quantiser):
+
+* asymmetric: min-max over the group, with the range widened to include 0 so that 0
+  is exactly representable and ``zero`` is an integer in [0, 2^bits - 1];
+* symmetric: ``zero = 2^(bits-1)`` and ``scale = 2 * max|w| / (2^bits - 1)``, the full
+  range of codes (-2^(bits-1) .. 2^(bits-1) - 1 around the zero), which is what GPTQ
+  kernels with ``sym=True`` expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from evosearch.database.hessian import damped_inverse_cholesky
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """``bits`` in 2..8; ``group_size`` input columns per scale (None = per row)."""
+
+    bits: int
+    group_size: int | None = 128
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive or None, got {self.group_size}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def group_index(self, columns: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Group of every input column, shape (columns,)."""
+        c = torch.arange(columns, device=device)
+        return c // self.group_size if self.group_size is not None else torch.zeros_like(c)
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value to compare by
+class QuantizedWeight:
+    """Integer codes (uint8, W's shape), float32 scales and uint8 zeros (out, groups)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    fmt: QuantFormat
+    dtype: torch.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.fmt.group_index(self.codes.shape[1], self.codes.device)
+        W = self.scales[:, g] * (self.codes.float() - self.zeros[:, g].float())
+        return W.to(self.dtype)
+
+
+def _fit_grid(xmin: torch.Tensor, xmax: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero (float, integral) of the grid covering [xmin, xmax] (widened to 0)."""
+    xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+    if fmt.symmetric:
+        xmax = torch.maximum(-xmin, xmax)
+        xmin = -xmax
+    flat = xmax == xmin  # an all-zero group: any positive scale represents it exactly
+    xmin, xmax = xmin.masked_fill(flat, -1.0), xmax.masked_fill(flat, 1.0)
+    scale = (xmax - xmin) / fmt.maxq
+    if fmt.symmetric:
+        zero = torch.full_like(scale, (fmt.maxq + 1) // 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def rtn_quantize(W: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
+    """Round every weight to the nearest point of its group's min-max grid."""
+    Wf = W.detach().float()
+    g = fmt.group_index(W.shape[1], W.device)
+    idx = g.expand_as(Wf)
+    # Starting the reductions from 0 widens every group's range to include 0.
+    empty = torch.zeros(W.shape[0], int(g[-1]) + 1, device=W.device)
+    xmin = empty.scatter_reduce(1, idx, Wf, "amin")
+    xmax = empty.scatter_reduce(1, idx, Wf, "amax")
+    scale, zero = _fit_grid(xmin, xmax, fmt)
+    codes = _codes(Wf, scale[:, g], zero[:, g], fmt.maxq)
+    return QuantizedWeight(codes.to(torch.uint8), scale, zero.to(torch.uint8), fmt, W.dtype)
+
+
+class GPTQ:
+    """GPTQ (Frantar et al., 2023) for one layer, set up once for many formats.
+
+    The constructor does the per-layer work shared by every format: the column order
+    (act_order: descending diag(H), so the inputs with the most energy are quantised
+    first while the most columns are left to absorb their error), a float32 copy of W
+    in that order and Hinv, the upper Cholesky factor of the damped inverse Hessian.
+    ``quantize`` runs the blocked sweep: each column is rounded to its group's grid and
+    its error, scaled by 1 / Hinv_ii, is spread over the block's later columns through
+    row i of Hinv; the block's errors update all later columns in one matrix product.
+
+    Group grids. Without act_order a group's grid is fitted when the sweep reaches its
+    first column, on the weights as updated so far (the reference's default); blocks
+    are then aligned to whole groups so that the fit sees every earlier update. With
+    act_order the grids are fitted on the original W before the sweep ("static
+    groups" in the reference), so that groups stay contiguous in the original column
+    order, which is the layout export packs.
+    """
+
+    def __init__(
+        self, W: torch.Tensor, H: torch.Tensor, damp: float = 0.01, block_size: int = 128, act_order: bool = False
+    ):
+        self.dtype = W.dtype
+        H = H.to(W.device)
+        self.perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else None
+        if self.perm is not None:
+            W, H = W[:, self.perm], H[self.perm][:, self.perm]
+        self.W = W.detach().to(torch.float32).clone()
+        self.Hinv = damped_inverse_cholesky(H, damp)
+        self.block_size = block_size
+
+    def quantize(self, fmt: QuantFormat) -> QuantizedWeight:
+        W, Hinv = self.W.clone(), self.Hinv
+        rows, cols = W.shape
+        g = fmt.group_index(cols, W.device)
+        col_group = (g if self.perm is None else g[self.perm]).tolist()  # group of each swept column
+        static = self.perm is not None or fmt.group_size is None
+        scales = torch.empty(rows, int(g[-1]) + 1, device=W.device)
+        zeros = torch.empty_like(scales)
+        if static:
+            idx = torch.as_tensor(col_group, device=W.device).expand_as(W)
+            empty = torch.zeros_like(scales)
+            scales, zeros = _fit_grid(
+                empty.scatter_reduce(1, idx, W, "amin"), empty.scatter_reduce(1, idx, W, "amax"), fmt
+            )
+            bs = self.block_size
+        else:
+            bs = fmt.group_size * max(1, self.block_size // fmt.group_size)
+        codes = torch.empty_like(W)
+
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
+            W1 = W[:, i1:i2].clone()
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                j = col_group[i1 + i]
+                if not static and (i1 + i) % fmt.group_size == 0:
+                    group = W1[:, i : i + fmt.group_size]
+                    scales[:, j], zeros[:, j] = _fit_grid(group.amin(dim=1), group.amax(dim=1), fmt)
+                w = W1[:, i]
+                c = _codes(w, scales[:, j], zeros[:, j], fmt.maxq)
+                q = scales[:, j] * (c - zeros[:, j])
+                err = (w - q) / Hinv1[i, i]
+                W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
+                Err1[:, i] = err
+                codes[:, i1 + i] = c
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+        if self.perm is not None:
+            codes = codes[:, torch.argsort(self.perm)]
+        return QuantizedWeight(codes.to(torch.uint8), scales, zeros.to(torch.uint8), fmt, self.dtype)
