@@ -375,6 +375,3 @@ class Feasibility:
             x[unit] += np.sign(anchor[unit] - x[unit])
         return x
 
-
-if __name__ == "__main__":  # python -m evosearch.space > docs/space.schema.json
-    print(json.dumps(Space.model_json_schema(), indent=2))
