@@ -87,7 +87,6 @@ class Evaluator:
         self.max_evaluations = max_evaluations
         self.tradeoff = tradeoff
         self.bar = bar
-        self.fidelities = fidelities_of(fitness)
         self._call = _caller(fitness, multi_fidelity=hasattr(fitness, "fidelities"))
         self._batched = hasattr(fitness, "evaluate_batch")
         self.memo: dict[tuple[tuple[int, ...], int], float] = {}
@@ -405,6 +404,8 @@ def _check_study(study: optuna.Study, settings: dict, resume: bool) -> None:
             f"study {study.study_name!r} already has {len(trials)} trials in this storage; "
             f"pass resume=True to continue it, or choose another study_name"
         )
+    if stored is None:
+        raise EvosearchError(f"study {study.study_name!r} was not made by evosearch.search; choose another study_name")
     for key in settings:
         if key != "evosearch" and stored.get(key) != settings[key]:
             raise EvosearchError(

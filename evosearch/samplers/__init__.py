@@ -47,4 +47,4 @@ def make_sampler(name: str, options: dict) -> Sampler:
         raise EvosearchError(f"sampler {name!r}: bad sampler_options: {e}") from None
 
 
-from evosearch.samplers import baselines, evopress, optuna_samplers  # noqa: E402  (they register themselves)
+from evosearch.samplers import baselines, evopress, optuna_samplers  # noqa: E402, F401  (they register themselves)
