@@ -1,0 +1,478 @@
+"""The search engine: one entry point, `search`, on top of an Optuna study.
+
+Every evaluated candidate is a trial of an Optuna study, so a search can be
+inspected with plain Optuna, shared through its storage and resumed. Multi-fidelity
+evaluation maps onto Optuna's own concepts: a candidate's score at a fidelity is
+``trial.report(value, step=fidelity)``; a candidate dropped between selection stages
+is PRUNED; one that reaches the last stage is COMPLETE with its value there; a NaN or
+infinite score marks the trial FAIL and the candidate loses. Each trial stores the
+evaluated assignment, its usage of each budget and whether it meets them all as user
+attributes. A trial whose assignment breaks a budget (only the `dp` baseline's
+single-unit probes do) also carries Optuna constraints (``trial.set_constraint``,
+the excess per budget), so that a plain Optuna reader of the study never takes it
+for the best. The samplers' own candidates always meet the budget (by construction
+or by repair), so they carry none: a constraint that is always met tells a sampler
+nothing, and GP then fits a feasibility model for nothing (20 GP trials on a 16-unit
+problem: 8.1 s with such constraints, 3.8 s without).
+
+The fitness is a callable ``f(assignment) -> float`` (lower is better). A fitness
+that can be scored at several fidelities (say, numbers of calibration tokens)
+declares them as an attribute, ``f.fidelities = [2048, 16384, 65536]``, and is
+called ``f(assignment, fidelity)``. An object with a method
+``evaluate_batch(assignments, fidelity)`` (fidelity is None for a single-fidelity
+fitness) is called with a whole selection stage at once, for GPU batching. The
+fitness must be deterministic: a value is computed once per (assignment, fidelity).
+
+Resume: the `Evaluator` reads every value already in the storage (reports of all
+trials, whatever their state) into a memo, and samplers derive their random numbers
+from ``(seed, step)``. A resumed EvoPress or baseline search therefore replays its
+trajectory from the start, taking each finished evaluation from the memo instead of
+calling the fitness, and goes on exactly where it stopped. Optuna's samplers resume
+by continuing the study from its trials (their own random state is not restored, so
+that continuation is not bit-identical to an uninterrupted run). Trials left RUNNING
+by a dead process are marked FAIL on resume; their reports stay in the memo. Resume
+assumes no other process is working on the same study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import optuna
+from optuna.storages import BaseStorage, JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from pydantic import BaseModel
+from tqdm.auto import tqdm
+
+from evosearch import __version__
+from evosearch.errors import EvosearchError
+from evosearch.samplers import Sampler, make_sampler
+from evosearch.samplers.baselines import uniform_candidates
+from evosearch.space import Assignment, Budget, Feasibility, Space
+
+logger = logging.getLogger("evosearch")
+
+
+class SearchStopped(Exception):
+    """Raised inside a sampler when the evaluation cap (n_trials) is reached."""
+
+
+class Evaluator:
+    """Every fitness call of a search goes through here.
+
+    `evaluate` scores assignments at a fidelity, taking values from the memo when
+    they are known, and records new ones as reports of Optuna trials; a candidate's
+    trial stays open (RUNNING) until the sampler calls `prune` or `complete`.
+    """
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        space: Space,
+        budgets: list[Budget],
+        fitness: Callable,
+        max_evaluations: int | None,
+        tradeoff: Budget | None,
+        bar: tqdm,
+    ):
+        self.study, self.space, self.budgets = study, space, budgets
+        self.max_evaluations = max_evaluations
+        self.tradeoff = tradeoff
+        self.bar = bar
+        self._call = _caller(fitness, multi_fidelity=hasattr(fitness, "fidelities"))
+        self._batched = hasattr(fitness, "evaluate_batch")
+        self.memo: dict[tuple[tuple[int, ...], int], float] = {}
+        self._open: dict[tuple[int, ...], optuna.Trial] = {}
+        self.best = math.inf
+        for trial in study.get_trials(deepcopy=False):
+            if "assignment" not in trial.user_attrs:
+                continue
+            key = self.key(trial.user_attrs["assignment"])
+            for step, value in trial.intermediate_values.items():
+                self.memo[key, step] = value
+            if trial.state == TrialState.COMPLETE:  # multi-objective trials cannot report
+                self.memo[key, trial.user_attrs["fidelity"]] = trial.values[0]
+            if "failed_fidelity" in trial.user_attrs:
+                self.memo[key, trial.user_attrs["failed_fidelity"]] = math.inf
+            if trial.state == TrialState.COMPLETE and trial.user_attrs.get("feasible"):
+                self.best = min(self.best, trial.values[0])
+        self.n_evaluations = len(self.memo)
+
+    def key(self, assignment: Assignment) -> tuple[int, ...]:
+        return tuple(int(i) for i in self.space.indices(assignment))
+
+    def evaluate(
+        self,
+        assignments: list[Assignment],
+        fidelity: int,
+        trials: list[optuna.Trial] | None = None,
+        attrs: dict[str, Any] | None = None,
+    ) -> list[float]:
+        """Values of `assignments` at `fidelity` (inf for a failed one).
+
+        `trials` are trials a sampler already asked for these assignments (Optuna's
+        samplers); otherwise a trial is opened for each assignment that needs a new
+        evaluation, with `attrs` as extra user attributes.
+        """
+        keys = [self.key(a) for a in assignments]
+        for key, assignment, trial in zip(keys, assignments, trials or []):
+            self._annotate(trial, assignment, attrs)
+            self._open[key] = trial
+        todo = {k: a for k, a in zip(keys, assignments) if (k, fidelity) not in self.memo}
+        todo = list(todo.items())
+        step = len(todo) if self._batched else 1
+        for start in range(0, len(todo), step):
+            if self.max_evaluations is not None and self.n_evaluations >= self.max_evaluations:
+                raise SearchStopped
+            batch = todo[start : start + step]
+            chunk = batch if self.max_evaluations is None else batch[: self.max_evaluations - self.n_evaluations]
+            for key, assignment in chunk:
+                if key not in self._open:
+                    self._open[key] = self.study.ask()
+                    self._annotate(self._open[key], assignment, attrs)
+            values = self._call([a for _, a in chunk], fidelity)
+            for (key, _), value in zip(chunk, values):
+                self._record(key, fidelity, float(value))
+            if len(chunk) < len(batch):
+                raise SearchStopped  # the cap cut this batch short
+        return [self.memo[k, fidelity] for k in keys]
+
+    def _annotate(self, trial: optuna.Trial, assignment: Assignment, attrs: dict | None) -> None:
+        trial.set_user_attr("assignment", assignment)
+        usage = {b.label: b.usage(self.space, assignment) for b in self.budgets}
+        excess = {b.label: max(usage[b.label] - b.bounds()[1], b.bounds()[0] - usage[b.label]) for b in self.budgets}
+        feasible = all(e <= 0 for e in excess.values())
+        trial.set_user_attr("usage", usage)
+        trial.set_user_attr("feasible", feasible)
+        if not feasible:  # see the module docstring: only infeasible trials carry constraints
+            for label, value in excess.items():
+                trial.set_constraint(label, value)
+        for name, value in (attrs or {}).items():
+            trial.set_user_attr(name, value)
+
+    def _record(self, key: tuple[int, ...], fidelity: int, value: float) -> None:
+        self.n_evaluations += 1
+        trial = self._open[key]
+        if math.isfinite(value):
+            if self.tradeoff is None:  # Optuna keeps no intermediate values for multi-objective trials
+                trial.report(value, step=fidelity)
+            self.memo[key, fidelity] = value
+        else:
+            logger.warning("trial %d: fitness returned %r at fidelity %d; marking it FAIL", trial.number, value, fidelity)
+            trial.set_user_attr("failed_fidelity", fidelity)
+            self.study.tell(trial, state=TrialState.FAIL)
+            del self._open[key]
+            self.memo[key, fidelity] = math.inf
+
+    def prune(self, assignments: list[Assignment]) -> None:
+        """Close the open trials of candidates dropped by selection."""
+        for key in map(self.key, assignments):
+            if key in self._open:
+                self.study.tell(self._open.pop(key), state=TrialState.PRUNED)
+
+    def complete(self, assignments: list[Assignment], fidelity: int) -> None:
+        """Close the open trials of candidates that reached the last stage, with their value there."""
+        for key, assignment in zip(map(self.key, assignments), assignments):
+            if key not in self._open:
+                continue
+            trial = self._open.pop(key)
+            value = self.memo[key, fidelity]
+            trial.set_user_attr("fidelity", fidelity)
+            values = [value]
+            if self.tradeoff is not None:
+                values.append(self.tradeoff.usage(self.space, assignment))
+            self.study.tell(trial, values)
+            if trial.user_attrs["feasible"] and value < self.best:
+                self.best = value
+                self.bar.set_postfix(best=f"{value:.5g}")
+
+    def close(self, state: TrialState) -> None:
+        """Close every open trial with `state` (when the search stops or is interrupted)."""
+        for trial in self._open.values():
+            self.study.tell(trial, state=state)
+        self._open.clear()
+
+
+def fidelities_of(fitness: Callable) -> list[int]:
+    """The fitness' declared fidelities, or [0] for a single-fidelity fitness."""
+    if not callable(fitness) and not hasattr(fitness, "evaluate_batch"):
+        raise EvosearchError("fitness must be callable as f(assignment) or have an evaluate_batch method")
+    declared = getattr(fitness, "fidelities", None)
+    if declared is None:
+        return [0]
+    fidelities = list(declared)
+    if not fidelities or any(not isinstance(f, (int, np.integer)) or f < 0 for f in fidelities) or fidelities != sorted(set(fidelities)):
+        raise EvosearchError(
+            f"fitness.fidelities must be increasing non-negative integers such as [2048, 16384], got {declared!r}"
+        )
+    return [int(f) for f in fidelities]
+
+
+def _caller(fitness: Callable, multi_fidelity: bool) -> Callable[[list[Assignment], int], list[float]]:
+    if hasattr(fitness, "evaluate_batch"):
+        return lambda assignments, fidelity: list(fitness.evaluate_batch(assignments, fidelity if multi_fidelity else None))
+    if multi_fidelity:
+        return lambda assignments, fidelity: [fitness(a, fidelity) for a in assignments]
+    return lambda assignments, fidelity: [fitness(a) for a in assignments]
+
+
+@dataclass
+class Context:
+    """What a sampler gets: the problem, the study, the evaluator and the progress bar."""
+
+    space: Space
+    budgets: list[Budget]
+    feasibility: Feasibility
+    anchor: np.ndarray  # a feasible assignment (level indices), the target of repair
+    seed: int
+    fidelities: list[int]
+    n_trials: int | None
+    study: optuna.Study
+    evaluator: Evaluator
+    bar: tqdm
+
+    def rng(self, *step: int) -> np.random.Generator:
+        """The random stream of one step of the search; the same on every replay."""
+        return np.random.default_rng([self.seed, *step])
+
+
+class Candidate(BaseModel):
+    """An evaluated assignment."""
+
+    assignment: dict[str, int | float | str]
+    value: float
+    fidelity: int
+    usage: dict[str, float]
+    trial: int
+
+
+class TrialRecord(BaseModel):
+    number: int
+    state: str
+    assignment: dict[str, int | float | str] | None
+    value: float | None  # the final value of a COMPLETE trial
+    fidelity: int | None
+    reports: dict[int, float]  # value at each fidelity it was scored at
+    usage: dict[str, float]
+    feasible: bool
+
+
+class SearchResult(BaseModel):
+    """What a search found. JSON-serialisable (``result.model_dump_json()``)."""
+
+    best: Candidate
+    pareto: list[Candidate]  # fitness vs the traded-off resource (multi-objective samplers only)
+    trials: list[TrialRecord]
+    n_evaluations: int  # fitness calls stored in the study, over all runs of it
+    study_name: str
+    settings: dict[str, Any]
+    wall_time: float  # seconds spent in this call
+
+
+def search(
+    space: Space,
+    fitness: Callable,
+    budget: Budget | list[Budget],
+    sampler: str | Sampler = "evopress",
+    n_trials: int | None = None,
+    seed: int = 0,
+    storage: str | BaseStorage | None = None,
+    study_name: str | None = None,
+    resume: bool = False,
+    sampler_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Find the assignment with the lowest fitness that meets every budget.
+
+    Args:
+        space: the units and their levels.
+        fitness: ``f(assignment) -> float``, lower is better; see the module docstring
+            for multi-fidelity and batched fitness objects.
+        budget: one `Budget` or a list; every one is a hard constraint.
+        sampler: a registered name (see `evosearch.samplers.SAMPLERS`) or a `Sampler`.
+        n_trials: the most fitness evaluations the whole study may hold (Optuna's
+            samplers also run at most this many trials). Required by Optuna's
+            samplers; EvoPress stops at its `generations` otherwise.
+        seed: seeds every random choice of the sampler.
+        storage: None (in memory), a database URL (``sqlite:///search.db``,
+            ``postgresql://...``), a journal file (a path ending in ``.log`` or
+            ``.journal``, or any path prefixed with ``journal:``), or an Optuna storage.
+        study_name: name of the study in the storage (default: derived from the
+            sampler and the space).
+        resume: continue the study of this name; it must have the same settings.
+        sampler_options: keyword arguments for the sampler.
+        progress: show a tqdm progress bar.
+    """
+    started = time.perf_counter()
+    budgets = [budget] if isinstance(budget, Budget) else list(budget)
+    if not budgets:
+        raise EvosearchError("budget: give at least one Budget")
+    if len({b.label for b in budgets}) != len(budgets):
+        raise EvosearchError(f"budget: two budgets of the same form on one resource: {[b.label for b in budgets]}")
+    for b in budgets:
+        b.check(space)
+    fidelities = fidelities_of(fitness)
+    options = dict(sampler_options or {})
+    if isinstance(sampler, str):
+        name, sampler = sampler, make_sampler(sampler, options)
+    elif options:
+        raise EvosearchError("sampler_options apply to a sampler given by name; configure the Sampler object instead")
+    else:
+        name = type(sampler).__name__
+    tradeoff = None
+    if sampler.tradeoff is not None:
+        # The traded-off resource is measured like its budget (a total or an average).
+        resource = sampler.tradeoff[0] or budgets[0].resource
+        tradeoff = next((b for b in budgets if b.resource == resource), Budget(resource=resource, max_total=math.inf))
+        tradeoff.table(space)  # an unknown resource is an error
+    settings = {
+        "evosearch": __version__,
+        "space": space.hash(),
+        "sampler": name,
+        "sampler_options": options,
+        "seed": seed,
+        "budgets": [b.model_dump(exclude_none=True) for b in budgets],
+        "fidelities": fidelities,
+    }
+    settings = json.loads(json.dumps(settings))  # tuples become lists, as stored
+    study_name = study_name or f"evosearch-{name}-{space.hash()[:8]}"
+    anchor = uniform_candidates(space, budgets)[0]
+
+    directions = ["minimize"] + ([sampler.tradeoff[1]] if sampler.tradeoff else [])
+    with _quiet_optuna():
+        study = optuna.create_study(
+            storage=_storage(storage), study_name=study_name, directions=directions, load_if_exists=True
+        )
+    _check_study(study, settings, resume)
+
+    bar = tqdm(disable=not progress, desc=f"evosearch {name}", dynamic_ncols=True)
+    evaluator = Evaluator(study, space, budgets, fitness, n_trials, tradeoff, bar)
+    ctx = Context(space, budgets, Feasibility(space, budgets), anchor, seed, fidelities, n_trials, study, evaluator, bar)
+    try:
+        with _quiet_optuna():
+            sampler.run(ctx)
+    except SearchStopped:
+        logger.info("stopped at n_trials=%d evaluations", n_trials)
+        evaluator.close(TrialState.PRUNED)
+    except KeyboardInterrupt:
+        evaluator.close(TrialState.FAIL)
+        if storage is None:
+            logger.warning("search interrupted; this in-memory study is lost (pass storage=... to make it resumable)")
+        else:
+            logger.warning(
+                "search interrupted after %d evaluations; they are stored in study %r: "
+                "call search(..., storage=%r, study_name=%r, resume=True) with the same settings to continue",
+                evaluator.n_evaluations, study_name, storage, study_name,
+            )
+        raise
+    finally:
+        bar.close()
+    return _result(study, space, evaluator, settings, time.perf_counter() - started)
+
+
+def _storage(storage: str | BaseStorage | None) -> str | BaseStorage | None:
+    if not isinstance(storage, str):
+        return storage
+    if storage.startswith("journal:"):
+        return JournalStorage(JournalFileBackend(storage[len("journal:") :]))
+    if storage.endswith((".log", ".journal")):
+        return JournalStorage(JournalFileBackend(storage))
+    if "://" not in storage:
+        raise EvosearchError(
+            f"storage {storage!r}: give a database URL (sqlite:///path.db), a journal file "
+            f"(path ending in .log or .journal, or 'journal:path'), or None"
+        )
+    return storage
+
+
+def _check_study(study: optuna.Study, settings: dict, resume: bool) -> None:
+    stored = study.user_attrs.get("evosearch")
+    trials = study.get_trials(deepcopy=False)
+    if stored is None and not trials:
+        study.set_user_attr("evosearch", settings)
+        return
+    if not resume:
+        raise EvosearchError(
+            f"study {study.study_name!r} already has {len(trials)} trials in this storage; "
+            f"pass resume=True to continue it, or choose another study_name"
+        )
+    if stored is None:
+        raise EvosearchError(f"study {study.study_name!r} was not made by evosearch.search; choose another study_name")
+    for key in settings:
+        if key != "evosearch" and stored.get(key) != settings[key]:
+            raise EvosearchError(
+                f"cannot resume study {study.study_name!r}: it was run with {key}={stored.get(key)!r}, "
+                f"this call has {key}={settings[key]!r} (use the same settings, or a new study_name)"
+            )
+    stale = [t for t in trials if t.state == TrialState.RUNNING]
+    for trial in stale:
+        study.tell(trial.number, state=TrialState.FAIL)
+    logger.info("resuming study %r: %d trials, %d left RUNNING marked FAIL", study.study_name, len(trials), len(stale))
+
+
+@contextmanager
+def _quiet_optuna():
+    """Optuna logs every trial at INFO; a search makes thousands, so keep it to warnings."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def _result(study: optuna.Study, space: Space, evaluator: Evaluator, settings: dict, wall_time: float) -> SearchResult:
+    records, finished = [], []
+    for t in study.get_trials(deepcopy=False):
+        complete = t.state == TrialState.COMPLETE
+        record = TrialRecord(
+            number=t.number,
+            state=t.state.name,
+            assignment=t.user_attrs.get("assignment"),
+            value=t.values[0] if complete else None,
+            fidelity=t.user_attrs.get("fidelity") if complete else None,
+            reports=t.intermediate_values,
+            usage=t.user_attrs.get("usage", {}),
+            feasible=t.user_attrs.get("feasible", False),
+        )
+        records.append(record)
+        if complete and record.feasible:
+            finished.append((record, t.values))
+    if not finished:
+        raise EvosearchError(
+            f"study {study.study_name!r} has no complete candidate that meets the budget "
+            f"(raise n_trials, or check the fitness: {sum(r.state == 'FAIL' for r in records)} trials failed)"
+        )
+    # Compare final values at one fidelity only: the highest any complete candidate reached.
+    top = max(r.fidelity for r, _ in finished)
+    finished = [(r, v) for r, v in finished if r.fidelity == top]
+
+    def candidate(r: TrialRecord) -> Candidate:
+        return Candidate(assignment=r.assignment, value=r.value, fidelity=r.fidelity, usage=r.usage, trial=r.number)
+
+    best = min(finished, key=lambda rv: (rv[0].value, rv[0].number))[0]
+    pareto = []
+    if evaluator.tradeoff is not None:
+        sign = 1 if study.directions[1] == optuna.study.StudyDirection.MINIMIZE else -1
+        points = {tuple(sorted(r.assignment.items(), key=str)): (r, (v[0], sign * v[1])) for r, v in finished}
+        for r, p in points.values():
+            if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for _, q in points.values()):
+                pareto.append(candidate(r))
+        pareto.sort(key=lambda c: c.value)
+    return SearchResult(
+        best=candidate(best),
+        pareto=pareto,
+        trials=records,
+        n_evaluations=evaluator.n_evaluations,
+        study_name=study.study_name,
+        settings=settings,
+        wall_time=wall_time,
+    )
