@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from evosearch import Budget, EvosearchError, Space, Unit, search
+from evosearch import Budget, EvosearchError, SearchResult, Space, Unit, search
 from evosearch.samplers import SAMPLERS, Sampler, register
 from evosearch.testing import evopress_shaped, interacting_drop, knapsack, linear_drop
 
@@ -151,6 +151,7 @@ def test_evopress_multi_fidelity_maps_onto_trial_states():
         if t.state == "COMPLETE":
             assert t.fidelity == 100 and t.value == t.reports.get(100, t.value)
     assert result.best.fidelity == 100
+    assert SearchResult.model_validate_json(result.model_dump_json()) == result
     # Each generation scores 12 children at 1, 4 survivors at 10, 2 and the parent at 100.
     assert calls.count(1) <= 12 * 6 and calls.count(10) <= 4 * 6 and calls.count(100) <= 2 * 6 + 1
 

@@ -68,6 +68,7 @@ class OptunaSampler(Sampler):
         distributions = {u.name: IntDistribution(0, len(u.levels) - 1) for u in space.units}
         done = len(ctx.study.get_trials(deepcopy=False))
         ctx.bar.reset(total=ctx.n_trials)
+        ctx.bar.unit = "trial"
         ctx.bar.update(done)
         for _ in range(done, ctx.n_trials):
             trial = ctx.study.ask(distributions)
