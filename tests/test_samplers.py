@@ -220,6 +220,8 @@ def test_unknown_sampler_and_bad_options():
         search(problem.space, problem.fitness, problem.budget, sampler="annealing", progress=False)
     with pytest.raises(EvosearchError, match="bad sampler_options"):
         search(problem.space, problem.fitness, problem.budget, sampler_options={"children": 3}, progress=False)
+    with pytest.raises(EvosearchError, match="sampler 'tpe': bad sampler_options.*n_startup"):
+        search(problem.space, problem.fitness, problem.budget, sampler="tpe", n_trials=5, sampler_options={"n_startup": 3}, progress=False)
     with pytest.raises(EvosearchError, match="needs n_trials"):
         search(problem.space, problem.fitness, problem.budget, sampler="tpe", progress=False)
     with pytest.raises(EvosearchError, match="stages must end with one survivor"):

@@ -46,6 +46,7 @@ class OptunaSampler(Sampler):
     def __init__(self, kind: str, **options: Any):
         self.kind = kind
         self.options = options
+        self.make(seed=0)  # a bad option fails here, as a TypeError naming it
 
     def make(self, seed: int) -> optuna.samplers.BaseSampler:
         with warnings.catch_warnings():  # with_margin and deterministic_objective are "experimental"
