@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from evosearch import Budget, EvosearchError, Space, Unit, search
+from evosearch import Budget, EvosearchError, SearchResult, Space, Unit, search
 from evosearch.samplers import SAMPLERS, Sampler, register
 from evosearch.testing import evopress_shaped, interacting_drop, knapsack, linear_drop
 
@@ -151,6 +151,7 @@ def test_evopress_multi_fidelity_maps_onto_trial_states():
         if t.state == "COMPLETE":
             assert t.fidelity == 100 and t.value == t.reports.get(100, t.value)
     assert result.best.fidelity == 100
+    assert SearchResult.model_validate_json(result.model_dump_json()) == result
     # Each generation scores 12 children at 1, 4 survivors at 10, 2 and the parent at 100.
     assert calls.count(1) <= 12 * 6 and calls.count(10) <= 4 * 6 and calls.count(100) <= 2 * 6 + 1
 
@@ -219,6 +220,8 @@ def test_unknown_sampler_and_bad_options():
         search(problem.space, problem.fitness, problem.budget, sampler="annealing", progress=False)
     with pytest.raises(EvosearchError, match="bad sampler_options"):
         search(problem.space, problem.fitness, problem.budget, sampler_options={"children": 3}, progress=False)
+    with pytest.raises(EvosearchError, match="sampler 'tpe': bad sampler_options.*n_startup"):
+        search(problem.space, problem.fitness, problem.budget, sampler="tpe", n_trials=5, sampler_options={"n_startup": 3}, progress=False)
     with pytest.raises(EvosearchError, match="needs n_trials"):
         search(problem.space, problem.fitness, problem.budget, sampler="tpe", progress=False)
     with pytest.raises(EvosearchError, match="stages must end with one survivor"):

@@ -67,6 +67,7 @@ class EvoPress(Sampler):
         groups = self._groups(ctx)
         parent = self._initial(ctx, stages[0][0])
         ctx.bar.reset(total=self.generations)
+        ctx.bar.unit = "generation"
         for generation in range(1, self.generations + 1):
             rng = ctx.rng(generation)
             children = self._offspring(parent, groups, ctx, rng)

@@ -46,6 +46,7 @@ class OptunaSampler(Sampler):
     def __init__(self, kind: str, **options: Any):
         self.kind = kind
         self.options = options
+        self.make(seed=0)  # a bad option fails here, as a TypeError naming it
 
     def make(self, seed: int) -> optuna.samplers.BaseSampler:
         with warnings.catch_warnings():  # with_margin and deterministic_objective are "experimental"
@@ -68,6 +69,7 @@ class OptunaSampler(Sampler):
         distributions = {u.name: IntDistribution(0, len(u.levels) - 1) for u in space.units}
         done = len(ctx.study.get_trials(deepcopy=False))
         ctx.bar.reset(total=ctx.n_trials)
+        ctx.bar.unit = "trial"
         ctx.bar.update(done)
         for _ in range(done, ctx.n_trials):
             trial = ctx.study.ask(distributions)
