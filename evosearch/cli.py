@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity (default 8192)")
     p.add_argument("--database", default=None, help="database folder (default: in the cache)")
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
+    p.add_argument("--baselines", default=None,
+                   help="comma-separated baselines to report beside the search (default: the space's, e.g. uniform)")
     p.add_argument("--resume", action="store_true", help="continue the search stored in --out")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--out", required=True, help="folder for result.json, the model and the study")
@@ -180,7 +182,8 @@ def cmd_search(args) -> int:
             text_field=args.text_field, sequence_length=args.sequence_length,
             calibration_sequences=args.calibration_sequences, fidelities=fidelities, top_k=args.top_k,
             eval_tokens=args.eval_tokens, device=args.device, dtype=args.dtype, database=args.database,
-            storage=args.storage)
+            storage=args.storage,
+            baselines=None if args.baselines is None else [b for b in args.baselines.split(",") if b])
     except ValidationError as exc:
         error = exc.errors()[0]
         raise EvosearchError(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
@@ -193,19 +196,24 @@ def cmd_search(args) -> int:
 def print_report(report: dict) -> None:
     """The before/after table of a search."""
     ppl, budget, params = report["perplexity"], report["budget"], report["parameters"]
+    baselines = report.get("baselines", {})
+    columns = ["dense", *baselines, report["search"]["sampler"]]
     rows = [
-        ("perplexity", f"{ppl['dense']:.3f}", f"{ppl['compressed']:.3f}"),
-        (f"KL to dense ({report['fitness']['tokens']} tokens)", "0", f"{report['fitness']['kl']:.4f}"),
-        (f"{budget['label']} (target {budget['value']:g})", "0", f"{budget['measured']:.4f}"),
-        ("parameters in searched units", f"{params['dense'] / 1e6:.2f}M", f"{params['kept'] / 1e6:.2f}M"),
+        ("perplexity", [ppl["dense"], *(b["perplexity"] for b in baselines.values()), ppl["compressed"]], ".3f"),
+        (f"KL to dense ({report['fitness']['tokens']} tokens)",
+         [0.0, *(b["kl"] for b in baselines.values()), report["fitness"]["kl"]], ".4f"),
     ]
-    width = max(len(r[0]) for r in rows)
+    width = max(len(r[0]) for r in rows + [(f"{budget['label']} (target {budget['value']:g})",)])
     print(f"\n{report['space']['name']} search with {report['search']['sampler']}: "
           f"{report['search']['evaluations']} evaluations in {report['search']['seconds']:.0f} s "
           f"(perplexity on {ppl['tokens']:,} held-out tokens of {ppl['corpus']})")
-    print(f"{'':<{width}}  {'dense':>12}  {'searched':>12}")
-    for name, before, after in rows:
-        print(f"{name:<{width}}  {before:>12}  {after:>12}")
+    print(f"{'':<{width}}" + "".join(f"  {c:>12}" for c in columns))
+    for name, values, fmt in rows:
+        print(f"{name:<{width}}" + "".join(f"  {v:>12{fmt}}" for v in values))
+    print(f"{budget['label'] + ' (target ' + format(budget['value'], 'g') + ')':<{width}}  "
+          f"counted from the searched model's weights: {budget['measured']:.4f}")
+    print(f"{'parameters in searched units':<{width}}  {params['dense'] / 1e6:.2f}M dense, "
+          f"{params['kept'] / 1e6:.2f}M kept")
 
 
 def cmd_fetch(args) -> int:

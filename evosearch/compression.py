@@ -96,6 +96,8 @@ class CompressionSpace(_Spec):
     compression: Annotated[Union[SparsitySpace, DropSpace], Field(discriminator="kind")]
     budget: BudgetSpec
     sampler: dict = Field(default_factory=dict, description="default sampler options for this space")
+    baselines: list[str] = Field(default_factory=list,
+                                 description="samplers whose answer the report sets beside the search's (uniform, owl...)")
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> "CompressionSpace":

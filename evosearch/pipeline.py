@@ -69,6 +69,7 @@ class SearchSettings(BaseModel):
     dtype: str | None = None
     database: str | None = Field(None, description="database folder (default: in the cache, keyed by its inputs)")
     storage: str | None = Field(None, description="Optuna storage URL (default: out/study.db)")
+    baselines: list[str] | None = Field(None, description="baselines to report beside the search (default: the space's)")
 
 
 def prepare_output(out: Path, resume: bool, force: bool) -> None:
@@ -124,6 +125,11 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
                     sampler_options=sampler_options, progress=progress)
     clock.lap("search")
 
+    baselines = {}
+    for name in spec.baselines if settings.baselines is None else settings.baselines:
+        baselines[name] = _evaluate_baseline(name, problem, fitness, candidate, eval_windows, tokenizer, progress)
+    clock.lap("baselines")
+
     best = result.best.assignment
     candidate.apply(best)
     final_kl = teacher.kl(model)
@@ -141,6 +147,7 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         "fitness": {"kl": final_kl, "tokens": teacher.max_tokens, "search_value": result.best.value},
         "perplexity": {"corpus": corpus.name, "tokens": compressed.tokens, "dense": dense_ppl,
                        "compressed": compressed.perplexity},
+        "baselines": baselines,
         "parameters": {"dense": sum(u.params for u in problem.model_units.values()),
                        "kept": kept_parameters(model, arch, problem)},
         "search": {"sampler": settings.sampler, "evaluations": result.n_evaluations,
@@ -163,6 +170,16 @@ class _Stopwatch:
         now = time.perf_counter()
         self.times[stage] = round(now - self._last, 1)
         self._last = now
+
+
+def _evaluate_baseline(name: str, problem: SearchProblem, fitness: KLFitness, candidate: CandidateModel,
+                       eval_windows: torch.Tensor, tokenizer, progress: bool) -> dict:
+    """A baseline sampler's answer on the same database, fitness and held-out text."""
+    result = search(problem.space, fitness, problem.budget, sampler=name, seed=0, progress=False)
+    candidate.apply(result.best.assignment)
+    ppl = perplexity(candidate.model, eval_windows, tokenizer=tokenizer, progress=progress)
+    return {"kl": fitness.teacher.kl(candidate.model), "perplexity": ppl.perplexity,
+            "assignment": result.best.assignment}
 
 
 def _open_database(settings: SearchSettings, problem: SearchProblem, fingerprint: str, corpus) -> Database:

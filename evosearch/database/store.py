@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from evosearch.errors import EvosearchError
@@ -70,7 +70,7 @@ class Database:
             return load_file(str(path), device=str(device))
         except FileNotFoundError:
             raise EvosearchError(f"database {self.root} has no entry {unit}/{key}; build it again") from None
-        except SafetensorsError:
+        except SafetensorError:
             raise EvosearchError(f"database entry {path} is corrupt; delete it to rebuild") from None
 
     def save_stats(self) -> None:
