@@ -15,10 +15,10 @@ def tiny_llama(layers: int = 2, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, **overrides)
-    return LlamaForCausalLM(config).eval().requires_grad_(False)
+    settings = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=True) | overrides
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval().requires_grad_(False)
 
 
 def tiny_opt(layers: int = 2, seed: int = 0):
@@ -46,6 +46,16 @@ def real():
     from evosearch.model import load_model
 
     return load_model(None, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, real):
+    """A tiny random Llama saved with the packaged model's tokenizer: a user's own model directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = real[1]
+    tiny_llama(layers=2, vocab_size=len(tokenizer), max_position_embeddings=2048).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="session")
