@@ -245,3 +245,17 @@ def test_a_registered_sampler_runs_by_name():
     space = Space(units=[Unit(name=f"u{i}", levels=[0, 1], resources={"r": [0, 1]}) for i in range(3)])
     result = search(space, lambda a: sum(a.values()), Budget(resource="r", total=0), sampler="anchor-only", progress=False)
     assert result.best.assignment == {"u0": 0, "u1": 0, "u2": 0}
+
+
+def test_evopress_stops_when_no_level_switch_keeps_the_budget(caplog):
+    """Levels not equally spaced in the budget's resource: every child breaks the budget.
+    EvoPress must say so and return the (feasible) parent, not spin for 400 generations."""
+    space = Space(units=[Unit(name=f"l{i}", levels=[0.0, 0.5, 0.7], resources={"params": [100, 50, 30]})
+                         for i in range(20)])
+    budget = Budget(resource="params", max_total=1000)
+    with caplog.at_level("WARNING", logger="evosearch"):
+        result = search(space, lambda a: sum(v**2 for v in a.values()), budget, sampler="evopress",
+                        n_trials=2000, seed=0, progress=False)
+    assert "cannot move" in caplog.text
+    assert result.best.value == 5.0 and budget.is_met(space, result.best.assignment)
+    assert result.n_evaluations <= 3

@@ -71,6 +71,17 @@ class EvoPress(Sampler):
         for generation in range(1, self.generations + 1):
             rng = ctx.rng(generation)
             children = self._offspring(parent, groups, ctx, rng)
+            if not children:
+                # Every child breaks a budget: the parent has no neighbour to move to, now or later.
+                logger.warning(
+                    "evopress: no level switch from the parent keeps every budget, so the search cannot move "
+                    "(levels not equally spaced in the budget's resource?); stopping at generation %d. "
+                    "A sampler that repairs proposals (tpe, cmaes, random) fits this space better.", generation,
+                )
+                final = ctx.space.assignment(parent)
+                ctx.evaluator.evaluate([final], stages[-1][0], attrs={"generation": generation})
+                ctx.evaluator.complete([final], stages[-1][0])
+                break
             before = ctx.evaluator.n_evaluations
             parent, value = self._select(children, parent, stages, ctx, generation)
             logger.info(
