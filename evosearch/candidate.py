@@ -28,6 +28,7 @@ class CandidateModel:
         self.device = next(model.parameters()).device
         self.params = dict(model.named_parameters())
         self.current = {unit: "dense" for unit in problem.keys}
+        self._resident: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # database entries on the device
         self.dense: dict[str, torch.Tensor] = {}
         for unit in problem.keys:
             for name in self._touched(unit):
@@ -51,7 +52,25 @@ class CandidateModel:
             return {name: self.dense[name] for name in self._touched(unit)}
         if key == "drop":
             return {name: torch.zeros_like(self.dense[name]) for name in self._touched(unit)}
+        if (unit, key) in self._resident:
+            return self._resident[unit, key]
         return self.database.get(unit, key, device=self.device)
+
+    def preload(self, max_bytes: float | None = None) -> int:
+        """Keep every database entry of the problem on the model's device, so a swap is one
+        device-to-device copy. Stops at ``max_bytes``; returns the bytes held."""
+        held = sum(t.numel() * t.element_size() for entry in self._resident.values() for t in entry.values())
+        for unit, keys in self.problem.keys.items():
+            for key in keys:
+                if key in ("dense", "drop") or (unit, key) in self._resident:
+                    continue
+                entry = self.database.get(unit, key, device=self.device)
+                size = sum(t.numel() * t.element_size() for t in entry.values())
+                if max_bytes is not None and held + size > max_bytes:
+                    return held
+                self._resident[unit, key] = entry
+                held += size
+        return held
 
     @torch.no_grad()
     def apply(self, assignment: dict) -> int:

@@ -188,13 +188,16 @@ class Teacher:
             offset = start * self.sequence_length
             for rows in range(0, len(hidden), ROWS_PER_CHUNK):
                 student = logits_from_hidden(model, hidden[rows : rows + ROWS_PER_CHUNK])
-                span = slice(offset + rows, offset + rows + len(student))
-                if self.top_k is None:
-                    total += kl_divergence(self.logprobs[span].to(device), student)
-                else:
-                    total += kl_divergence_topk(self.top_logprobs[span].to(device), self.top_indices[span].to(device),
-                                                self.tail_logprob[span].to(device), student)
+                total += self.chunk_kl(slice(offset + rows, offset + rows + len(student)), student)
         return total.item() / (n_sequences * self.sequence_length)
+
+    def chunk_kl(self, rows: slice, student_logits: torch.Tensor) -> torch.Tensor:
+        """Sum of KL(teacher || student) over calibration positions ``rows`` (flattened (sequence, position))."""
+        device = student_logits.device
+        if self.top_k is None:
+            return kl_divergence(self.logprobs[rows].to(device), student_logits)
+        return kl_divergence_topk(self.top_logprobs[rows].to(device), self.top_indices[rows].to(device),
+                                  self.tail_logprob[rows].to(device), student_logits)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

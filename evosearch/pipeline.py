@@ -113,6 +113,9 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     clock.lap("teacher")
 
     candidate = CandidateModel(model, arch, problem, database)
+    if candidate.device.type == "cuda":  # swaps become device-to-device copies
+        free, _ = torch.cuda.mem_get_info(candidate.device)
+        log.info("database on the GPU: %.2f GiB", candidate.preload(max_bytes=0.5 * free) / 2**30)
     fitness = KLFitness(candidate, teacher)
     fitness.fidelities = sorted(settings.fidelities)
     sampler_options = dict(spec.sampler) | settings.sampler_options

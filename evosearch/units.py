@@ -34,6 +34,7 @@ class Family:
     attention_output: str
     mlp_inputs: tuple[str, ...]  # gate/up (or fc1), relative to a block
     mlp_output: str
+    final: tuple[str, ...]  # modules after the last block, in order (final norm...); absent ones are skipped
     examples: str  # for messages: models known to match
 
 
@@ -41,14 +42,14 @@ LLAMA = Family(
     name="llama", layers="model.layers", attention="self_attn", mlp="mlp",
     attention_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     attention_output="self_attn.o_proj",
-    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj",
+    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj", final=("model.norm",),
     examples="Llama, Mistral, Qwen2/3, SmolLM, Phi-3-style layouts with separate q/k/v",
 )
 OPT = Family(
     name="opt", layers="model.decoder.layers", attention="self_attn", mlp="mlp",
     attention_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     attention_output="self_attn.out_proj",
-    mlp_inputs=("fc1",), mlp_output="fc2",
+    mlp_inputs=("fc1",), mlp_output="fc2", final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
     examples="OPT",
 )
 FAMILIES = (LLAMA, OPT)
@@ -86,6 +87,15 @@ class Architecture:
 
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
+
+    def finish(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model does to the last block's output before the output head."""
+        for name in self.family.final:
+            parent, _, child = name.rpartition(".")
+            module = getattr(self.model.get_submodule(parent), child, None)
+            if module is not None:
+                hidden = module(hidden)
+        return hidden
 
     def linears(self, block: int) -> list[str]:
         """Full paths of the block's linear layers, in forward order."""

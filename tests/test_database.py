@@ -76,3 +76,23 @@ def test_drop_levels_zero_the_output_projection_and_kl_grows(llama):
     assert not llama.model.layers[0].self_attn.o_proj.weight.any()
     assert llama.model.layers[0].self_attn.q_proj.weight.any()  # only the output projection is zeroed
     assert fitness(keep) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.parametrize("fixture", ["llama", "opt"])
+def test_fast_fitness_equals_the_reference_kl(request, fixture):
+    """Block-by-block runs with prefix reuse give the same KL as a plain forward of each candidate."""
+    model = request.getfixturevalue(fixture)
+    arch = architecture(model)
+    problem = CompressionSpace.load("drop").materialize(arch, 0.25)
+    teacher = Teacher.build(model, sequences(n=5), progress=False)
+    fitness = KLFitness(CandidateModel(model, arch, problem, None), teacher, batch_size=2)
+    names = [u.name for u in problem.space.units]
+    parent = {name: "keep" for name in names}
+    batch = [parent, dict(parent, **{names[-1]: "drop"}), dict(parent, **{names[1]: "drop"}),
+             dict(parent, **{names[0]: "drop", names[-2]: "drop"})]
+    for tokens in (64, None):
+        fast = fitness.evaluate_batch(batch, tokens)
+        for assignment, value in zip(batch, fast):
+            fitness.candidate.apply(assignment)
+            assert value == pytest.approx(teacher.kl(model, tokens=tokens, batch_size=2), rel=1e-6, abs=1e-9)
+    assert fast[0] == pytest.approx(0, abs=1e-6) and all(v > 0 for v in fast[1:])
