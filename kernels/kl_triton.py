@@ -19,6 +19,8 @@ accumulated in float32.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -149,8 +151,9 @@ def kl_per_row(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor, *, 
     out = torch.empty(N, dtype=torch.float32, device=student.device) if out is None else out
     block_v, num_warps = _launch(block_v, num_warps, V)
     if N:
-        _kl_rows[(N,)](teacher, student, out, V, teacher.stride(0), student.stride(0), BLOCK_V=block_v,
-                       num_warps=num_warps)
+        with _device(student):
+            _kl_rows[(N,)](teacher, student, out, V, teacher.stride(0), student.stride(0), BLOCK_V=block_v,
+                           num_warps=num_warps)
     return out
 
 
@@ -160,8 +163,9 @@ def top_k_bitmask(top_indices: torch.Tensor, vocab_size: int) -> torch.Tensor:
     N, K = indices.shape
     words = torch.zeros(N, triton.cdiv(vocab_size, 32), dtype=torch.int32, device=indices.device)
     if N and K:
-        _mark_top_k[(N,)](indices, words, K, indices.stride(0), words.stride(0),
-                          BLOCK_K=min(1024, triton.next_power_of_2(K)))
+        with _device(indices):
+            _mark_top_k[(N,)](indices, words, K, indices.stride(0), words.stride(0),
+                              BLOCK_K=min(1024, triton.next_power_of_2(K)))
     return words
 
 
@@ -187,10 +191,16 @@ def kl_topk_per_row(top_logprobs: torch.Tensor, top_indices: torch.Tensor, tail_
     out = torch.empty(N, dtype=torch.float32, device=student.device) if out is None else out
     block_v, num_warps = _launch(block_v, num_warps, V)
     if N:
-        _kl_rows_topk[(N,)](top, indices, tail, student, words, out, V, K, top.stride(0), indices.stride(0),
-                            student.stride(0), words.stride(0), BLOCK_V=block_v,
-                            BLOCK_K=min(1024, triton.next_power_of_2(max(K, 1))), num_warps=num_warps)
+        with _device(student):
+            _kl_rows_topk[(N,)](top, indices, tail, student, words, out, V, K, top.stride(0), indices.stride(0),
+                                student.stride(0), words.stride(0), BLOCK_V=block_v,
+                                BLOCK_K=min(1024, triton.next_power_of_2(max(K, 1))), num_warps=num_warps)
     return out
+
+
+def _device(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (cuda:1 with cuda:0 current)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
