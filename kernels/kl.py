@@ -52,10 +52,10 @@ def kl_divergence(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) 
     the kernel takes ``0 log 0 = 0`` where the reference gives NaN for a teacher log-prob of -inf.
     """
     if not _fused(student_logits):
-        from evosearch.evaluate import kl_divergence as reference
+        from evosearch.evaluate import kl_divergence as reference  # here: evaluate.py imports this module
 
         return reference(teacher_logprobs, student_logits)
-    from . import kl_triton
+    from . import kl_triton  # here: it needs triton, which CPU-only installs lack
 
     V = student_logits.shape[-1]
     return kl_triton.kl_per_row(teacher_logprobs.reshape(-1, V), student_logits.reshape(-1, V)).sum()
