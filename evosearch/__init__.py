@@ -1,8 +1,16 @@
 """evosearch: search per-layer compression of causal language models under one budget."""
 
 import logging
+from pathlib import Path
 
-from evosearch.errors import EvosearchError
+# In a source checkout, kernels/ and spaces/ sit beside this package, and pyproject.toml's
+# package-dir maps them to evosearch.kernels and evosearch.spaces when installed. Look for them
+# there too, so that a checkout run with PYTHONPATH=. imports its own copies (and not those of
+# another checkout that is pip-installed in editable mode).
+if (Path(__file__).resolve().parent.parent / "pyproject.toml").is_file():
+    __path__.append(str(Path(__file__).resolve().parent.parent))
+
+from evosearch.errors import EvosearchError  # noqa: E402
 
 __version__ = "0.1.0"
 

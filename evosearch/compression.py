@@ -25,7 +25,12 @@ from evosearch.errors import EvosearchError
 from evosearch.space import Budget, Space, Unit
 from evosearch.units import Architecture, ModelUnit
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+
+def _spaces_dir() -> Path:
+    """The ready spaces: ``spaces/`` in a checkout, ``evosearch/spaces/`` in an installed wheel."""
+    import evosearch.spaces
+
+    return Path(evosearch.spaces.__file__).parent
 
 
 class _Spec(BaseModel):
@@ -104,7 +109,7 @@ class CompressionSpace(_Spec):
         """A ready space by name (``sparsity``, ``drop``, ...) or a YAML file."""
         path = Path(name_or_path)
         if not path.suffix and not path.exists():
-            path = SPACES_DIR / f"{name_or_path}.yaml"
+            path = _spaces_dir() / f"{name_or_path}.yaml"
             if not path.exists():
                 raise EvosearchError(f"space {str(name_or_path)!r} is not a file or a ready space; ready spaces: "
                                      f"{', '.join(ready_spaces())}")
@@ -128,7 +133,7 @@ class CompressionSpace(_Spec):
 
 
 def ready_spaces() -> list[str]:
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in _spaces_dir().glob("*.yaml"))
 
 
 class SearchProblem:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from evosearch.kernels import kl as kl_kernels
+
 log = logging.getLogger("evosearch")
 
 ROWS_PER_CHUNK = 2048  # rows of logits alive at once: 2048 x 49152 fp32 = 400 MB
@@ -42,13 +44,20 @@ def hidden_states(model, input_ids: torch.Tensor) -> torch.Tensor:
     return model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
-def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
-    """Apply the output head (and any logit scaling the architecture defines) in float32."""
-    logits = model.get_output_embeddings()(hidden).float()
+def logits_from_hidden(model, hidden: torch.Tensor, *, upcast: bool = True) -> torch.Tensor:
+    """Apply the output head (and any logit scaling the architecture defines), in float32.
+
+    With ``upcast=False`` and no scaling to apply, the head's output keeps its own dtype
+    (bfloat16 on a GPU): the KL functions upcast as they read, so they see the same values
+    without a float32 copy of the logits being written and read.
+    """
+    logits = model.get_output_embeddings()(hidden)
     scale = getattr(model.config, "logit_scale", None)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if upcast or scale or cap:
+        logits = logits.float()
     if scale:
         logits = logits * scale
-    cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits
@@ -92,7 +101,8 @@ def hidden_size(model) -> int:
 def kl_divergence(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Sum over rows of KL(p || q) with p = exp(teacher_logprobs), q = softmax(student_logits).
 
-    The plain PyTorch reference; ``kernels/`` holds a fused GPU version tested against it.
+    The plain PyTorch reference; ``evosearch.kernels.kl`` holds a fused GPU version tested
+    against it, which ``Teacher.kl`` calls.
     """
     t = teacher_logprobs.float()
     s = torch.log_softmax(student_logits.float(), dim=-1)
@@ -187,7 +197,7 @@ class Teacher:
             hidden = hidden.reshape(-1, hidden.shape[-1])
             offset = start * self.sequence_length
             for rows in range(0, len(hidden), ROWS_PER_CHUNK):
-                student = logits_from_hidden(model, hidden[rows : rows + ROWS_PER_CHUNK])
+                student = logits_from_hidden(model, hidden[rows : rows + ROWS_PER_CHUNK], upcast=False)
                 total += self.chunk_kl(slice(offset + rows, offset + rows + len(student)), student)
         return total.item() / (n_sequences * self.sequence_length)
 
@@ -195,9 +205,9 @@ class Teacher:
         """Sum of KL(teacher || student) over calibration positions ``rows`` (flattened (sequence, position))."""
         device = student_logits.device
         if self.top_k is None:
-            return kl_divergence(self.logprobs[rows].to(device), student_logits)
-        return kl_divergence_topk(self.top_logprobs[rows].to(device), self.top_indices[rows].to(device),
-                                  self.tail_logprob[rows].to(device), student_logits)
+            return kl_kernels.kl_divergence(self.logprobs[rows].to(device), student_logits)
+        return kl_kernels.kl_divergence_topk(self.top_logprobs[rows].to(device), self.top_indices[rows].to(device),
+                                             self.tail_logprob[rows].to(device), student_logits)
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

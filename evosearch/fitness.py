@@ -104,7 +104,7 @@ class KLFitness:
         offset = first_sequence * self.teacher.sequence_length
         total = torch.zeros((), device=hidden.device, dtype=torch.float64)
         for rows in range(0, len(hidden), ROWS_PER_CHUNK):
-            student = logits_from_hidden(self.model, hidden[rows : rows + ROWS_PER_CHUNK])
+            student = logits_from_hidden(self.model, hidden[rows : rows + ROWS_PER_CHUNK], upcast=False)
             total += self.teacher.chunk_kl(slice(offset + rows, offset + rows + len(student)), student)
         return total
 

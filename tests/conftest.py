@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random models built in-process, and the packaged real model."""
+"""Shared fixtures (tiny random models built in-process, the packaged real model), and the GPU switches.
+
+Tests marked ``gpu`` are skipped without a CUDA device; without one, Triton kernels run in
+Triton's CPU interpreter.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,17 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, Triton kernels run in Triton's interpreter on the CPU; the switch is read
+# when a kernel is defined, so it is set before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 def tiny_llama(layers: int = 2, seed: int = 0, **overrides):
