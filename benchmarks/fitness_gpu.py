@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=16)
     parser.add_argument("--out", default=None, help="write the markdown table here")
     parser.add_argument("--database", default=None)
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
     args = parser.parse_args()
     device = torch.device(args.device)
     tiny = args.tiny
@@ -137,6 +138,7 @@ def main() -> None:
     flops, bandwidth = ceilings(device, tiny)
     rows.append(("ceiling: matmul", f"{flops / 1e12:.1f} TFLOP/s"))
     rows.append(("ceiling: copy (read + write)", f"{bandwidth / 1e12:.2f} TB/s"))
+    print("ceilings measured", file=sys.stderr)
 
     model, tokenizer = load_model(args.model, device=device, dtype="bf16" if device.type == "cuda" else "fp32")
     arch = architecture(model)
@@ -150,6 +152,7 @@ def main() -> None:
     levels = sum(len(k) for k in problem.keys.values())
     rows.append((f"database: SparseGPT, {levels} (layer, level) entries, {len(calibration) * length} tokens",
                  f"{seconds:.1f} s"))
+    print(f"database built in {seconds:.0f} s", file=sys.stderr)
 
     sequences = corpus.calibration_sequences(max(token_counts) // length, length, seed=1)
     teacher = Teacher.build(model, sequences, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -180,6 +183,7 @@ def main() -> None:
         rows.append((f"{tokens // 1024}K tokens: without prefix reuse", f"{plain * 1e3:.1f} ms"))
         rows.append((f"{tokens // 1024}K tokens: breakdown swap / forward / head+KL",
                      f"{swap * 1e3:.2f} / {forward * 1e3:.1f} / {kl_only * 1e3:.1f} ms"))
+        print(f"{tokens} tokens measured", file=sys.stderr)
         if tokens == token_counts[-1] or tiny:
             host_states = []
             for c in children[:3]:
@@ -198,6 +202,8 @@ def main() -> None:
     # torch.compile of the blocks: does fusing the elementwise work pay at the largest size?
     tokens = token_counts[-1]
     try:
+        if args.no_compile:
+            raise RuntimeError("skipped (--no-compile)")
         compiled = KLFitness(candidate, teacher, batch_size=batch, compile_blocks=True)
         start = time.perf_counter()
         warm = compiled.evaluate_batch(children[:2], tokens)
