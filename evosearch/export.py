@@ -124,10 +124,6 @@ def is_semi_structured(key: str) -> bool:
     return bool(match) and (int(match[1]), int(match[2])) == (2, 4)
 
 
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def packed_bytes(shape: tuple[int, int], fmt: QuantFormat) -> int:
     """Bytes of one packed weight: codes, float32 scales, zero points (asymmetric), shape."""
     out, columns = shape
@@ -138,38 +134,39 @@ def packed_bytes(shape: tuple[int, int], fmt: QuantFormat) -> int:
     return total
 
 
-def unit_bytes(arch: Architecture, unit: ModelUnit, key: str, dtype: torch.dtype) -> int:
+def unit_bytes(arch: Architecture, unit: ModelUnit, key: str) -> int:
     """Bytes ``unit`` takes at the level stored under ``key`` in an export (0 when removed).
 
-    Dense, unstructured and 2:4 sparse weights are stored dense; a quantised linear layer
-    is packed. A dropped attention or MLP sub-block takes its norm with it.
+    Tensors keep the model's dtypes. Dense, unstructured and 2:4 sparse weights are stored
+    dense; a quantised linear layer is packed. A dropped sub-block or block takes its norms
+    with it.
     """
     if key == "drop":
         return 0
-    size = dtype_bytes(dtype)
     fmt = quant_format(key)
     total = 0
     for name in unit.linears:
         layer = arch.module(name)
-        bias = layer.bias.numel() * size if layer.bias is not None else 0
-        weight = packed_bytes(tuple(layer.weight.shape), fmt) if fmt else layer.weight.numel() * size
-        total += weight + bias
-    return total + _other_parameters(arch, unit) * size
+        weight = layer.weight
+        total += packed_bytes(tuple(weight.shape), fmt) if fmt else weight.numel() * weight.element_size()
+        if layer.bias is not None:
+            total += layer.bias.numel() * layer.bias.element_size()
+    return total + sum(p.numel() * p.element_size() for p in _other_parameters(arch, unit))
 
 
 SUB_BLOCK_PARAMETERS = {"self_attn": ("self_attn.", "input_layernorm."),  # Llama names, relative to a block
                         "mlp": ("mlp.", "post_attention_layernorm.")}
 
 
-def _other_parameters(arch: Architecture, unit: ModelUnit) -> int:
+def _other_parameters(arch: Architecture, unit: ModelUnit) -> list[torch.Tensor]:
     """Parameters that go with a dropped sub-block or block besides its linear layers (its norms)."""
     if unit.kind == "linear":
-        return 0
+        return []
     prefixes = {"attention": SUB_BLOCK_PARAMETERS["self_attn"], "mlp": SUB_BLOCK_PARAMETERS["mlp"],
                 "block": ("",)}[unit.kind]
     linear = {id(p) for name in unit.linears for p in arch.module(name).parameters()}
-    return sum(p.numel() for name, p in arch.blocks[unit.block].named_parameters()
-               if name.startswith(prefixes) and id(p) not in linear)
+    return [p for name, p in arch.blocks[unit.block].named_parameters()
+            if name.startswith(prefixes) and id(p) not in linear]
 
 
 # --- the job and the exporters per compression kind ---------------------------------------------
@@ -591,3 +588,33 @@ def to_semi_structured(model: nn.Module, names: list[str]) -> int:
         except (RuntimeError, ValueError) as exc:
             log.warning("%s stays dense: %s", name, str(exc).splitlines()[0])
     return done
+
+
+# --- from a search's output folder ---------------------------------------------------------------
+
+def export_result(result_dir: str | Path, out: str | Path, *, format: str = "hf") -> ExportReport:
+    """Export the model a search wrote (``RESULT_DIR/result.json`` and ``RESULT_DIR/model``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evosearch.compression import CompressionSpace
+    from evosearch.pipeline import SearchSettings
+
+    result_dir = Path(result_dir)
+    path = result_dir / "result.json"
+    if not path.exists() or not (result_dir / "model" / "config.json").exists():
+        raise EvosearchError(f"{result_dir} is not a finished search: it needs result.json and model/ "
+                             f"(from `evosearch search --out {result_dir}`)")
+    result = json.loads(path.read_text())
+    settings = SearchSettings(**result["settings"])
+    model = AutoModelForCausalLM.from_pretrained(result_dir / "model", dtype="auto").eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(result_dir / "model")
+    arch = architecture(model)
+    spec = CompressionSpace.load(settings.space)
+    problem = (spec.materialize(arch, settings.budget) if settings.budget_resource is None
+               else spec.materialize_levels(arch))
+    root = result.get("database")
+    database = Database(root) if root and Path(root).exists() else None
+    job = ExportJob(model, arch, problem, result["assignment"], database)
+    run_exporters(job)
+    search = {key: result[key] for key in ("settings", "budget", "fitness", "perplexity", "versions") if key in result}
+    return export_model(job, out, format=format, tokenizer=tokenizer, record={"search": search})
