@@ -275,7 +275,7 @@ def cmd_profile(args) -> int:
     path = table.save(args.out or hardware.default_path(model_fingerprint(model), target, dtype, workload))
     print(f"{table.device} ({target}, {dtype}), batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens")
     print(f"dense model: prefill {table.whole['prefill_ms']:.3f} ms, decode {table.whole['decode_ms']:.4f} ms/token, "
-          f"{table.whole['bytes'] / 1e6:.1f} MB; outside the units: decode {table.base['decode_ms']:.4f} ms")
+          f"{table.whole['bytes'] / 1e6:.1f} MB; outside the blocks: decode {table.base['block']['decode_ms']:.4f} ms")
     first = {}
     for unit, classes in table.units.items():
         kind = unit.rsplit(".", 1)[-1] if not unit.rsplit(".", 1)[-1].isdigit() else "block"

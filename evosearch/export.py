@@ -230,7 +230,8 @@ class Structure:
 
     @property
     def heterogeneous(self) -> bool:
-        return any(self.overrides)
+        """Blocks differ from each other (alike blocks with new widths are a plain config)."""
+        return any(o != self.overrides[0] or "skip" in o for o in self.overrides)
 
 
 def plan_structure(job: ExportJob) -> Structure:
@@ -259,7 +260,7 @@ def plan_structure(job: ExportJob) -> Structure:
     if not kept:
         raise EvosearchError("the assignment removes every decoder block; nothing is left to export")
     structure = Structure(kept, overrides)
-    if structure.heterogeneous and config.model_type not in HETEROGENEOUS_MODEL_TYPES:
+    if any(structure.overrides) and config.model_type not in HETEROGENEOUS_MODEL_TYPES:
         raise EvosearchError(f"exporting blocks that differ (dropped attention/MLP, sliced widths) supports model "
                              f"types {', '.join(HETEROGENEOUS_MODEL_TYPES)}, not {config.model_type!r}; drop whole "
                              f"blocks instead")
@@ -279,7 +280,7 @@ def exported_config(config, structure: Structure):
     for name in ("quantization_config", "auto_map", "evosearch_layers", "transformers_version"):
         data.pop(name, None)
     if not structure.heterogeneous:
-        return type(config).from_dict(data)
+        return type(config).from_dict(data | structure.overrides[0])
     data |= {"model_type": EvosearchLlamaConfig.model_type, "architectures": ["EvosearchLlamaForCausalLM"],
              "evosearch_layers": structure.overrides,
              "auto_map": {"AutoConfig": "modeling_evosearch.EvosearchLlamaConfig",

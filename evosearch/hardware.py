@@ -79,7 +79,7 @@ class HardwareTable(BaseModel):
     workload: Workload
     model: str  # model fingerprint
     units: dict[str, dict[str, dict[str, float]]]  # unit -> class -> {"prefill_ms", "decode_ms", "bytes"}
-    base: dict[str, float]  # prefill_ms, decode_ms, bytes of what no unit holds
+    base: dict[str, dict[str, float]]  # per covering (COVERINGS): prefill_ms, decode_ms, bytes outside those units
     whole: dict[str, float]  # the dense model as measured: prefill_ms, decode_ms, bytes
     versions: dict[str, str]
     date: str
@@ -111,10 +111,32 @@ class HardwareTable(BaseModel):
             raise EvosearchError(f"hardware table for {self.target} has no {cls!r} cost for {unit}; profile again "
                                  f"with that level (evosearch profile --bits ...)") from None
 
+    def rest(self, problem: SearchProblem, phase: str) -> float:
+        """``phase`` of everything outside the problem's units (embeddings, head, overhead, unsearched parts)."""
+        kinds = {mu.kind for mu in problem.model_units.values()}
+        covering = next((name for name, covered in COVERINGS.items() if kinds <= set(covered)), None)
+        if covering is None:
+            raise EvosearchError(f"a latency budget over units of kinds {sorted(kinds)} is not supported; search "
+                                 f"blocks, attention/MLP blocks or linear layers")
+        if covering not in self.base:
+            raise EvosearchError(f"hardware table for {self.target} has no {covering} units; profile them")
+        return self.base[covering][phase] + sum(
+            self.units[u.name]["dense"][phase] for u in _covered(problem.arch, covering)
+            if u.name not in problem.model_units)
+
     def predict(self, problem: SearchProblem, assignment: dict, phase: str = "decode_ms") -> float:
-        """Whole-model latency of an assignment: base plus every unit at its level."""
-        return self.base[phase] + sum(self.cost(unit, problem.key(unit, level), phase)
-                                      for unit, level in assignment.items())
+        """Whole-model latency of an assignment: the rest plus every unit at its level."""
+        return self.rest(problem, phase) + sum(self.cost(unit, problem.key(unit, level), phase)
+                                               for unit, level in assignment.items())
+
+
+# The units that together hold every block's compute, one set per way of cutting blocks up;
+# ``base`` is the dense model minus each set at dense.
+COVERINGS = {"block": ("block",), "attention+mlp": ("attention", "mlp"), "linear": ("linear",)}
+
+
+def _covered(arch: Architecture, covering: str) -> list[ModelUnit]:
+    return arch.units(COVERINGS[covering])
 
 
 def latency_class(key: str) -> str:
@@ -338,7 +360,7 @@ def profile(model, target: str | torch.device, workload: Workload = Workload(), 
             table[unit.name][cls] = costs[cls] | {"bytes": float(unit_bytes(arch, unit, key))}
     whole = measure_model(model, workload, timer)
     whole["bytes"] = float(model_bytes(model))
-    base = _base(arch, table, whole, units)
+    base = _base(arch, table, whole)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     log.info("profiled %d units on %s (%s): dense model prefill %.2f ms, decode %.3f ms/token", len(units), target,
              name, whole["prefill_ms"], whole["decode_ms"])
@@ -357,17 +379,15 @@ def model_bytes(model) -> int:
     return total
 
 
-def _base(arch: Architecture, table: dict, whole: dict, units: list[ModelUnit]) -> dict[str, float]:
-    """What the dense model costs beyond its blocks: whole minus every block at dense.
-
-    Blocks are counted once: through the ``block`` units when they were profiled, else
-    through the attention and MLP units, else through the linear layers.
-    """
-    kinds = {u.kind for u in units}
-    kind = next(k for k in ("block", "attention", "linear") if k in kinds)
-    counted = [u for u in units if u.kind == kind or (kind == "attention" and u.kind == "mlp")]
-    return {phase: whole[phase] - sum(table[u.name]["dense"][phase] for u in counted)
-            for phase in ("prefill_ms", "decode_ms", "bytes")}
+def _base(arch: Architecture, table: dict, whole: dict) -> dict[str, dict[str, float]]:
+    """Per covering whose units were profiled: the dense model minus those units at dense."""
+    base = {}
+    for covering in COVERINGS:
+        units = _covered(arch, covering)
+        if all(u.name in table for u in units):
+            base[covering] = {phase: whole[phase] - sum(table[u.name]["dense"][phase] for u in units)
+                              for phase in ("prefill_ms", "decode_ms", "bytes")}
+    return base
 
 
 def default_path(fingerprint: str, target: str, dtype: str, workload: Workload) -> Path:
@@ -413,7 +433,7 @@ def budget_for(resource: str, limit: float, problem: SearchProblem, table: Hardw
     elif table is None:
         raise EvosearchError(f"a {resource} budget needs a hardware table; make one with `evosearch profile`")
     else:
-        rest = table.base["decode_ms" if resource == "latency_ms" else "prefill_ms"]
+        rest = table.rest(problem, "decode_ms" if resource == "latency_ms" else "prefill_ms")
     if limit <= rest:
         raise EvosearchError(f"--budget {resource}={limit:g} is under what the model costs outside the searched units "
                              f"({rest:.4g}); raise it")

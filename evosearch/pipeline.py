@@ -189,7 +189,7 @@ def _whole_model(settings: SearchSettings, problem: SearchProblem, best: dict, t
     if settings.budget_resource == "bytes":
         rest = hardware.base_bytes(problem)
     else:
-        rest = table.base["decode_ms" if settings.budget_resource == "latency_ms" else "prefill_ms"]
+        rest = table.rest(problem, "decode_ms" if settings.budget_resource == "latency_ms" else "prefill_ms")
     return {"whole_model_planned": rest + problem.budget.usage(problem.space, best),
             "target": None if table is None else f"{table.target} ({table.device})"}
 
