@@ -583,11 +583,15 @@ def to_semi_structured(model: nn.Module, names: list[str]) -> int:
     done = 0
     for name in names:
         layer = model.get_submodule(name)
+        dense = layer.weight
         try:
-            layer.weight = nn.Parameter(to_sparse_semi_structured(layer.weight.data), requires_grad=False)
+            layer.weight = nn.Parameter(to_sparse_semi_structured(dense.data), requires_grad=False)
+            for shape in ((1, layer.in_features), (2, 3, layer.in_features)):  # decode and prefill shapes run
+                layer(torch.ones(shape, device=dense.device, dtype=dense.dtype))
             done += 1
-        except (RuntimeError, ValueError) as exc:
-            log.warning("%s stays dense: %s", name, str(exc).splitlines()[0])
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            layer.weight = dense
+            log.warning("%s stays dense: %s", name, (str(exc).strip() or type(exc).__name__).splitlines()[0])
     return done
 
 

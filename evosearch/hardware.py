@@ -48,7 +48,8 @@ from evosearch import assets
 from evosearch.compression import SearchProblem
 from evosearch.database.quantization import rtn_quantize
 from evosearch.errors import EvosearchError
-from evosearch.export import PackedLinear, is_semi_structured, quant_format, semi_structured_supported, unit_bytes
+from evosearch.export import (PackedLinear, is_semi_structured, quant_format, semi_structured_supported,
+                              to_semi_structured, unit_bytes)
 from evosearch.space import Budget
 from evosearch.units import Architecture, ModelUnit, architecture
 
@@ -298,18 +299,15 @@ def _realise(arch: Architecture, unit: ModelUnit, cls: str, device: torch.device
     if cls == "dense":
         return layer
     if cls == "2:4":
-        from torch.sparse import to_sparse_semi_structured
-
         weight = layer.weight.detach().clone()
         keep = weight.abs().reshape(-1, 4).topk(2, dim=1).indices
         mask = torch.zeros_like(weight.reshape(-1, 4), dtype=torch.bool).scatter_(1, keep, True)
         sparse = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
                                  device=device, dtype=weight.dtype)
-        sparse.weight = torch.nn.Parameter(to_sparse_semi_structured(weight * mask.reshape(weight.shape)),
-                                           requires_grad=False)
+        sparse.weight = torch.nn.Parameter(weight * mask.reshape(weight.shape), requires_grad=False)
         if layer.bias is not None:
             sparse.bias = layer.bias
-        return sparse
+        return sparse if to_semi_structured(sparse, [""]) else None
     fmt = quant_format(cls)
     qw = rtn_quantize(layer.weight, fmt)
     packed = PackedLinear(layer.in_features, layer.out_features, fmt, layer.bias is not None)
@@ -352,10 +350,11 @@ def profile(model, target: str | torch.device, workload: Workload = Workload(), 
             if unit.kind != "linear" and cls != "dense":
                 continue
             if cls not in costs:
-                if cls == "2:4" and not sparse_runs:
+                module = _realise(arch, unit, cls, device) if cls != "2:4" or sparse_runs else None
+                if module is None:  # 2:4 where no semi-structured kernel runs it: an export keeps it dense
                     costs[cls] = dict(costs.get("dense") or runner.time(unit, arch.module(unit.name), timer))
                 else:
-                    costs[cls] = runner.time(unit, _realise(arch, unit, cls, device), timer)
+                    costs[cls] = runner.time(unit, module, timer)
             key = "dense" if cls == "2:4" else cls
             table[unit.name][cls] = costs[cls] | {"bytes": float(unit_bytes(arch, unit, key))}
     whole = measure_model(model, workload, timer)

@@ -75,7 +75,11 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
-    """The codes (rows, columns) as int64, from words packed by ``pack``."""
+    """The codes (rows, columns) as integers, from words packed by ``pack``."""
+    if 32 % bits == 0:  # no code crosses a word: shift each word in place (the sign bits shifted in are masked off)
+        shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+        codes = (packed[:, :, None] >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(packed.shape[0], -1)[:, :columns]
     words = packed.to(torch.int64) & 0xFFFFFFFF
     words = torch.nn.functional.pad(words, (0, 1))
     start = torch.arange(columns, device=packed.device) * bits
@@ -85,9 +89,10 @@ def unpack(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
 
 def dequantize_reference(w: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """W (out, in) in ``dtype``, in PyTorch."""
-    codes = unpack(w.packed, w.bits, w.shape[1])
-    g = torch.arange(w.shape[1], device=codes.device) // w.group
-    W = w.scales[:, g] * (codes - w.zeros[:, g].to(torch.int64)).float()
+    columns = w.shape[1]
+    codes = unpack(w.packed, w.bits, columns).float()
+    per_column = lambda t: t.repeat_interleave(w.group, dim=1)[:, :columns]  # noqa: E731 (group of each column)
+    W = per_column(w.scales) * (codes - per_column(w.zeros.float()))
     return W.to(dtype)
 
 
