@@ -93,6 +93,36 @@ def test_whole_blocks_dropped_give_a_plain_llama_with_fewer_layers(tmp_path):
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
+def slice_linear(model, name: str, rows=None, columns=None):
+    """Replace a linear layer by one holding only some of its rows or columns (what a width exporter does)."""
+    weight = model.get_submodule(name).weight
+    weight = weight[rows] if rows is not None else weight[:, columns]
+    layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = torch.nn.Parameter(weight.contiguous(), requires_grad=False)
+    parent, child = name.rsplit(".", 1)
+    setattr(model.get_submodule(parent), child, layer)
+
+
+def test_physically_sliced_heads_and_channels_are_read_from_the_modules(tmp_path):
+    model = tiny_llama(layers=3)
+    head = model.config.head_dim
+    attention, mlp = "model.layers.0.self_attn", "model.layers.1.mlp"
+    # Block 0 keeps the first key/value group (2 query heads, 1 kv head); block 1 keeps 80 MLP channels.
+    for name in ("q_proj", "k_proj", "v_proj"):
+        slice_linear(model, f"{attention}.{name}", rows=slice(0, (2 if name == "q_proj" else 1) * head))
+    slice_linear(model, f"{attention}.o_proj", columns=slice(0, 2 * head))
+    for name in ("gate_proj", "up_proj"):
+        slice_linear(model, f"{mlp}.{name}", rows=slice(0, 80))
+    slice_linear(model, f"{mlp}.down_proj", columns=slice(0, 80))
+    ids = inputs()
+    report = export_model(ExportJob(model, architecture(model)), tmp_path / "out")
+    assert report.record["blocks"]["overrides"] == [{"num_attention_heads": 2, "num_key_value_heads": 1},
+                                                    {"intermediate_size": 80}, {}]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
 def test_exported_bytes_are_what_the_bytes_budget_counted(tmp_path):
     model = tiny_llama(layers=3)
     job = drop_job(model, {"model.layers.0.mlp", "model.layers.2.self_attn"})
