@@ -1,5 +1,7 @@
 """Hardware tables: measured units as budget resources, and a prediction the export meets."""
 
+import copy
+
 import pytest
 import torch
 
@@ -73,6 +75,7 @@ def test_latency_budget_search_gives_an_export_whose_measured_latency_is_predict
     predicted = table.predict(problem, best)
     assert predicted <= limit * (1 + 1e-9)
 
+    dense_model = copy.deepcopy(model)
     with torch.no_grad():
         for unit, level in best.items():
             if level == "drop":
@@ -83,6 +86,12 @@ def test_latency_budget_search_gives_an_export_whose_measured_latency_is_predict
     run_exporters(job)
     export_model(job, tmp_path / "out")
     exported, _ = load_exported(tmp_path / "out", device="cpu")
-    measured = measure_model(exported, WORKLOAD, timer)["decode_ms"]
-    # A busy shared CPU: the prediction is checked loosely here, within 10% on the GPU (benchmarks/RESULTS.md).
-    assert 0.5 < measured / predicted < 2.0, (measured, predicted, table.whole)
+    # A busy shared CPU: the two models are timed in turns, the fastest repetitions compared, and the prediction
+    # checked loosely (within 10% on the GPU: benchmarks/RESULTS.md).
+    fastest = Timer(torch.device("cpu"), repeats=3, warmup=1, statistic=min)
+    measured = {"dense": [], "export": []}
+    for _ in range(3):
+        for name, m in (("dense", dense_model), ("export", exported)):
+            measured[name].append(measure_model(m, WORKLOAD, fastest)["decode_ms"])
+    ratio = min(measured["export"]) / min(measured["dense"])
+    assert 0.6 < ratio / (predicted / table.predict(problem, dense)) < 1.4, (measured, predicted)
