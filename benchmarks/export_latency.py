@@ -219,7 +219,7 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     if device.type == "cpu":
-        torch.set_num_threads(min(torch.get_num_threads(), 2))
+        torch.set_num_threads(1)  # timing on a shared CPU: no OpenMP threads waiting on each other
     model, _ = load_model(args.model, device=device, dtype=args.dtype)
     dtype = next(model.parameters()).dtype
     ids = torch.as_tensor(np.load(args.tokens).astype(np.int64))
@@ -239,15 +239,19 @@ def main(argv=None) -> int:
         "4-bit (RTN, g64, sym), packed": lambda m, a: quantize_blocks(m, a, QuantFormat(4, 64, True)),
         "2:4 (magnitude)": lambda m, a: two_four(m, a),
     }
-    rows = {}
+    rows, failed = {}, {}
     for i, (name, build) in enumerate(variants.items()):
-        copy_ = copy.deepcopy(model)
-        job = build(copy_, architecture(copy_))
-        folder = work / f"variant{i}"
-        export_model(job, folder, format="packed" if job.quantized else "hf")
-        del copy_, job
-        rows[name] = measure_export(folder, device, workload, timer, teacher)
-        log.info("%s: %s", name, rows[name])
+        try:  # one variant failing on a new device must not cost the others their measurement
+            copy_ = copy.deepcopy(model)
+            job = build(copy_, architecture(copy_))
+            folder = work / f"variant{i}"
+            export_model(job, folder, format="packed" if job.quantized else "hf")
+            del copy_, job
+            rows[name] = measure_export(folder, device, workload, timer, teacher)
+            log.info("%s: %s", name, rows[name])
+        except Exception as exc:  # noqa: BLE001 (reported in the table)
+            log.exception("%s failed", name)
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
     search_copy = copy.deepcopy(model)
     budget = latency_search(search_copy, workload, timer, Teacher.build(model, calibration, progress=False),
@@ -257,7 +261,8 @@ def main(argv=None) -> int:
     rows[name] = measure_export(work / "latency-budget", device, workload, timer, teacher)
     measured = rows[name]["decode_ms"]
     budget["measured_ms"] = measured
-    (work / "results.json").write_text(json.dumps({"rows": rows, "budget": budget}, indent=1, default=str))
+    (work / "results.json").write_text(json.dumps({"rows": rows, "failed": failed, "budget": budget}, indent=1,
+                                                  default=str))
     if args.work is None:
         shutil.rmtree(work)
 
@@ -278,6 +283,8 @@ def main(argv=None) -> int:
         note = f" ({r['semi_structured']} layers semi-structured)" if "2:4" in name else ""
         lines.append(f"| {name}{note} | {r['blocks']} | {r['parameters'] / 1e6:.2f} | {r['disk_bytes'] / 1e6:.1f} | "
                      f"{memory} | {r['prefill_ms']:.3f} | {r['decode_ms']:.4f} | {r['kl']:.4f} |")
+    for name, error in failed.items():
+        lines.append(f"| {name} | failed: {error} | | | | | | |")
     ratio = measured / budget["limit_ms"]
     lines += ["", f"Latency budget {budget['limit_ms']:.4f} ms/token ({args.budget_fraction:g} x the dense model's "
                   f"predicted {budget['dense_predicted_ms']:.4f}; measured dense {budget['dense_measured_ms']:.4f}): "
