@@ -612,7 +612,8 @@ def export_result(result_dir: str | Path, out: str | Path, *, format: str = "hf"
     result = json.loads(path.read_text())
     settings = SearchSettings(**result["settings"])
     model = AutoModelForCausalLM.from_pretrained(result_dir / "model", dtype="auto").eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(result_dir / "model")
+    has_tokenizer = (result_dir / "model" / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(result_dir / "model") if has_tokenizer else None
     arch = architecture(model)
     spec = CompressionSpace.load(settings.space)
     problem = (spec.materialize(arch, settings.budget) if settings.budget_resource is None

@@ -284,3 +284,31 @@ def test_dequant_matmul_kernel_matches_the_reference_under_the_triton_interprete
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("ok"), done.stderr[-2000:]
+
+
+def test_export_command_writes_a_search_folder_and_hardware_budgets_build_the_problem(tmp_path, capsys):
+    from evosearch.cli import main
+    from evosearch.pipeline import SearchSettings, search_problem
+
+    model = tiny_llama(layers=4)
+    arch = architecture(model)
+    settings = SearchSettings(space="drop", budget=float(3 * 2**20), budget_resource="bytes")
+    problem, table = search_problem(settings, CompressionSpace.load("drop"), arch)
+    assert table is None and problem.budget.max_total == 3 * 2**20 - base_bytes(problem)
+    with pytest.raises(EvosearchError, match="needs a hardware table"):
+        search_problem(settings.model_copy(update={"budget_resource": "latency_ms"}), CompressionSpace.load("drop"),
+                       arch)
+
+    assignment = {u.name: "drop" if u.name == "model.layers.2.mlp" else "keep" for u in problem.space.units}
+    with torch.no_grad():
+        arch.module("model.layers.2.mlp.down_proj").weight.zero_()
+    model.save_pretrained(tmp_path / "run" / "model")
+    (tmp_path / "run" / "result.json").write_text(json.dumps({"settings": settings.model_dump(),
+                                                              "assignment": assignment}))
+    assert main(["export", str(tmp_path / "run")]) == 0
+    assert "4 decoder blocks" in capsys.readouterr().out
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export-hf", trust_remote_code=True)
+    assert loaded.model.layers[2].mlp is None
+    assert torch.equal(loaded(inputs()).logits, model(inputs()).logits)
+    record = json.loads((tmp_path / "run" / "export-hf" / "evosearch.json").read_text())
+    assert record["search"]["settings"]["budget_resource"] == "bytes" and record["assignment"] == assignment
