@@ -65,7 +65,7 @@ class Workload(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batch: int = Field(1, ge=1)
-    prompt: int = Field(2048, ge=1, description="prompt tokens: the prefill pass, then the KV cache decoding starts from")
+    prompt: int = Field(2048, ge=1, description="prompt tokens: the prefill, and the KV cache decoding starts from")
     new_tokens: int = Field(128, ge=1, description="generated tokens decode_ms averages over")
 
 
@@ -269,7 +269,8 @@ class _UnitRunner:
         prompt, token = self.prompt, self.token
         if unit.kind == "linear":  # a linear layer's input has its own width (down_proj: the MLP's)
             columns = self.arch.module(unit.name).in_features
-            prompt, token = (torch.randn(*x.shape[:-1], columns, device=x.device, dtype=x.dtype) for x in (prompt, token))
+            prompt, token = (torch.randn(*x.shape[:-1], columns, device=x.device, dtype=x.dtype)
+                             for x in (prompt, token))
         prefill = timer.time(lambda: None, lambda _: run(prompt, 0, None), 1)
         if unit.kind in ("linear", "mlp"):
             decode = timer.time(lambda: None, lambda _: run(token, w.prompt, None), w.new_tokens)

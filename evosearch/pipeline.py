@@ -51,8 +51,8 @@ class SearchSettings(BaseModel):
 
     space: str = "sparsity"
     budget: float
-    budget_resource: str | None = Field(None, description="latency_ms, prefill_ms or bytes: the budget is a whole-model "
-                                                          "limit on that resource (default: the space's own budget)")
+    budget_resource: str | None = Field(None, description="latency_ms, prefill_ms or bytes: the budget is a "
+                                        "whole-model limit on that resource (default: the space's own budget)")
     hardware: str | None = Field(None, description="hardware table (evosearch profile) for latency budgets")
     model: str | None = None
     sampler: str = "evopress"

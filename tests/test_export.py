@@ -36,7 +36,8 @@ def drop_job(model, dropped: dict):
     with torch.no_grad():
         for unit in dropped:
             mu = problem.model_units[unit]
-            arch.module((arch.attention_linears if mu.kind == "attention" else arch.mlp_linears)(mu.block)[1]).weight.zero_()
+            linears = arch.attention_linears if mu.kind == "attention" else arch.mlp_linears
+            arch.module(linears(mu.block)[1]).weight.zero_()
     job = ExportJob(model, arch, problem, assignment)
     run_exporters(job)
     return job
