@@ -48,8 +48,8 @@ from evosearch import assets
 from evosearch.compression import SearchProblem
 from evosearch.database.quantization import rtn_quantize
 from evosearch.errors import EvosearchError
-from evosearch.export import (PackedLinear, is_semi_structured, quant_format, semi_structured_supported,
-                              to_semi_structured, unit_bytes)
+from evosearch.export import (PackedLinear, is_semi_structured, pack_quantized, quant_format,
+                              semi_structured_supported, to_semi_structured, unit_bytes)
 from evosearch.space import Budget
 from evosearch.units import Architecture, ModelUnit, architecture
 
@@ -313,11 +313,16 @@ def _realise(arch: Architecture, unit: ModelUnit, cls: str, device: torch.device
     fmt = quant_format(cls)
     qw = rtn_quantize(layer.weight, fmt)
     packed = PackedLinear(layer.in_features, layer.out_features, fmt, layer.bias is not None)
-    from evosearch.export import pack_quantized
-
     packed.load_state_dict(pack_quantized(qw) | ({"bias": layer.bias} if layer.bias is not None else {}))
     packed.unpack_zeros()
     return packed.to(device)
+
+
+def _applies(unit: ModelUnit, cls: str) -> bool:
+    """Sparsity and bit-widths are levels of linear layers; width levels (builders) of attention and MLP blocks."""
+    if cls == "dense":
+        return True
+    return (unit.kind == "linear") == (cls == "2:4" or quant_format(cls) is not None)
 
 
 def _signature(arch: Architecture, unit: ModelUnit) -> tuple:
@@ -349,7 +354,7 @@ def profile(model, target: str | torch.device, workload: Workload = Workload(), 
         costs = measured.setdefault(signature, {})
         table[unit.name] = {}
         for cls in classes:
-            if unit.kind != "linear" and cls != "dense":
+            if not _applies(unit, cls):
                 continue
             if cls not in costs:
                 module = _realise(arch, unit, cls, device) if cls != "2:4" or sparse_runs else None
