@@ -9,7 +9,7 @@ On the GPU (one command, a few minutes; prints a markdown table last):
     PYTHONPATH=. python benchmarks/export_latency.py --model bench-inputs/model \\
         --tokens bench-inputs/tokens.npy --device cuda --out export_latency.md
 
-A CPU smoke test: ``--device cpu --prompt 64 --new-tokens 4 --generations 1``.
+A CPU smoke test: ``--device cpu --prompt 16 --new-tokens 2 --generations 1 --repeats 1``.
 
 Each variant is built from the dense model in memory by a direct assignment, written with
 ``evosearch.export`` and loaded back with ``load_exported`` on the device, then measured
@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-fraction", type=float, default=0.8, help="decode latency budget / dense")
     parser.add_argument("--generations", type=int, default=10, help="EvoPress generations of the budget search")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--variants", default=None, help="comma-separated subset of dense,drop,width,4bit,2:4")
     parser.add_argument("--work", type=Path, default=None, help="folder for the exports (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
@@ -233,14 +234,18 @@ def main(argv=None) -> int:
     started = time.perf_counter()
 
     variants = {
-        "dense": lambda m, a: ExportJob(m, a),
-        "25% of blocks dropped": lambda m, a: drop_blocks(m, a, calibration[:4], 0.25),
-        "~30% fewer block parameters (MLP channels)": lambda m, a: slice_mlp_channels(m, a, 0.30),
-        "4-bit (RTN, g64, sym), packed": lambda m, a: quantize_blocks(m, a, QuantFormat(4, 64, True)),
-        "2:4 (magnitude)": lambda m, a: two_four(m, a),
+        "dense": ("dense", lambda m, a: ExportJob(m, a)),
+        "drop": ("25% of blocks dropped", lambda m, a: drop_blocks(m, a, calibration[:4], 0.25)),
+        "width": ("~30% fewer block parameters (MLP channels)", lambda m, a: slice_mlp_channels(m, a, 0.30)),
+        "4bit": ("4-bit (RTN, g64, sym), packed", lambda m, a: quantize_blocks(m, a, QuantFormat(4, 64, True))),
+        "2:4": ("2:4 (magnitude)", lambda m, a: two_four(m, a)),
     }
+    chosen = args.variants.split(",") if args.variants else list(variants)
+    unknown = set(chosen) - set(variants)
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(variants)}")
     rows, failed = {}, {}
-    for i, (name, build) in enumerate(variants.items()):
+    for i, (name, build) in enumerate(variants[key] for key in chosen):
         try:  # one variant failing on a new device must not cost the others their measurement
             copy_ = copy.deepcopy(model)
             job = build(copy_, architecture(copy_))
@@ -253,14 +258,18 @@ def main(argv=None) -> int:
             log.exception("%s failed", name)
             failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
-    search_copy = copy.deepcopy(model)
-    budget = latency_search(search_copy, workload, timer, Teacher.build(model, calibration, progress=False),
-                            args.budget_fraction, args.generations, work)
-    del search_copy
-    name = f"latency budget {budget['limit_ms']:.3f} ms/token (searched)"
-    rows[name] = measure_export(work / "latency-budget", device, workload, timer, teacher)
-    measured = rows[name]["decode_ms"]
-    budget["measured_ms"] = measured
+    budget = None
+    try:
+        search_copy = copy.deepcopy(model)
+        budget = latency_search(search_copy, workload, timer, Teacher.build(model, calibration, progress=False),
+                                args.budget_fraction, args.generations, work)
+        del search_copy
+        name = f"latency budget {budget['limit_ms']:.3f} ms/token (searched)"
+        rows[name] = measure_export(work / "latency-budget", device, workload, timer, teacher)
+        budget["measured_ms"] = rows[name]["decode_ms"]
+    except Exception as exc:  # noqa: BLE001 (reported below the table)
+        log.exception("latency-budget search failed")
+        failed["latency-budget search"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     (work / "results.json").write_text(json.dumps({"rows": rows, "failed": failed, "budget": budget}, indent=1,
                                                   default=str))
     if args.work is None:
@@ -285,13 +294,15 @@ def main(argv=None) -> int:
                      f"{memory} | {r['prefill_ms']:.3f} | {r['decode_ms']:.4f} | {r['kl']:.4f} |")
     for name, error in failed.items():
         lines.append(f"| {name} | failed: {error} | | | | | | |")
-    ratio = measured / budget["limit_ms"]
-    lines += ["", f"Latency budget {budget['limit_ms']:.4f} ms/token ({args.budget_fraction:g} x the dense model's "
-                  f"predicted {budget['dense_predicted_ms']:.4f}; measured dense {budget['dense_measured_ms']:.4f}): "
-                  f"search predicted {budget['predicted_ms']:.4f}, export measured {measured:.4f} "
-                  f"({ratio:.3f} x budget: {'meets' if ratio <= 1.10 else 'misses'} it within 10%); "
-                  f"{len(budget['dropped'])} sub-blocks dropped, {budget['evaluations']} evaluations, "
-                  f"{budget['seconds']:.0f} s with profiling."]
+    if budget is not None:
+        ratio = budget["measured_ms"] / budget["limit_ms"]
+        lines += ["", f"Latency budget {budget['limit_ms']:.4f} ms/token ({args.budget_fraction:g} x the dense "
+                      f"model's predicted {budget['dense_predicted_ms']:.4f}; measured dense "
+                      f"{budget['dense_measured_ms']:.4f}): "
+                      f"search predicted {budget['predicted_ms']:.4f}, export measured {budget['measured_ms']:.4f} "
+                      f"({ratio:.3f} x budget: {'meets' if ratio <= 1.10 else 'misses'} it within 10%); "
+                      f"{len(budget['dropped'])} sub-blocks dropped, {budget['evaluations']} evaluations, "
+                      f"{budget['seconds']:.0f} s with profiling."]
     table = "\n".join(lines)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
