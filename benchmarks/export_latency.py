@@ -68,7 +68,7 @@ def write_inputs(folder: Path, sequences: int = 64, length: int = 512) -> None:
     from evosearch.data import load_corpus
 
     model, tokenizer = load_model(None, device="cpu", dtype=torch.bfloat16)
-    model.save_pretrained(folder / "model")
+    model.save_pretrained(folder / "model", max_shard_size="60MB")  # shards small enough to carry one by one
     tokenizer.save_pretrained(folder / "model")
     corpus = load_corpus("brown", tokenizer)
     tokens = corpus.calibration_sequences(sequences, length, seed=0)
