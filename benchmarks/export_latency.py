@@ -9,7 +9,8 @@ On the GPU (one command, a few minutes; prints a markdown table last):
     PYTHONPATH=. python benchmarks/export_latency.py --model bench-inputs/model \\
         --tokens bench-inputs/tokens.npy --device cuda --out export_latency.md
 
-A CPU smoke test: ``--device cpu --prompt 16 --new-tokens 2 --generations 1 --repeats 1``.
+A CPU smoke test: ``--device cpu --prompt 16 --new-tokens 2 --generations 1 --repeats 1 --length 64
+--sequences 2``.
 
 Each variant is built from the dense model in memory by a direct assignment, written with
 ``evosearch.export`` and loaded back with ``load_exported`` on the device, then measured
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-fraction", type=float, default=0.8, help="decode latency budget / dense")
     parser.add_argument("--generations", type=int, default=10, help="EvoPress generations of the budget search")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--length", type=int, default=512, help="tokens per sequence for KL and the search")
+    parser.add_argument("--sequences", type=int, default=8, help="calibration sequences of the budget search")
     parser.add_argument("--variants", default=None, help="comma-separated subset of dense,drop,width,4bit,2:4")
     parser.add_argument("--work", type=Path, default=None, help="folder for the exports (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
@@ -223,9 +226,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # timing on a shared CPU: no OpenMP threads waiting on each other
     model, _ = load_model(args.model, device=device, dtype=args.dtype)
     dtype = next(model.parameters()).dtype
-    ids = torch.as_tensor(np.load(args.tokens).astype(np.int64))
-    ids = ids.reshape(-1, 512) if ids.dim() == 1 or ids.shape[1] != 512 else ids
-    held_out, calibration = ids[:4].to(device), ids[4:12].to(device)
+    ids = torch.as_tensor(np.load(args.tokens).astype(np.int64)).flatten()
+    ids = ids[: len(ids) // args.length * args.length].reshape(-1, args.length)
+    held_out, calibration = ids[:4].to(device), ids[4:4 + args.sequences].to(device)
     workload = Workload(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens)
     timer = Timer(device, repeats=args.repeats)
     teacher = Teacher.build(model, held_out, progress=False)
