@@ -278,10 +278,11 @@ def main(argv=None) -> int:
     if args.work is None:
         shutil.rmtree(work)
 
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))")
     lines = [
         f"Command: `python benchmarks/export_latency.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
-        f"{device_name}, torch {torch.__version__}, {dtype}; {datetime.date.today()}; "
+        f"{device_name}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}; {datetime.date.today()}; "
         f"{time.perf_counter() - started:.0f} s.",
         "",
         f"Prefill: batch {args.batch} x {args.prompt} tokens. Decode: ms per token over {args.new_tokens} tokens "
