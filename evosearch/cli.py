@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128, help="generated tokens decode latency averages over (128)")
     p.add_argument("--bits", action="append", default=None,
                    help="quantised levels to time, e.g. bits=4,group=64,sym (repeatable; default 4- and 8-bit)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's; 1 on a shared machine)")
     p.add_argument("--out", default=None, help="table file (default: in the cache, named by model and target)")
     p.set_defaults(run=cmd_profile)
 
@@ -258,11 +259,15 @@ def print_report(report: dict) -> None:
 
 
 def cmd_profile(args) -> int:
+    import torch
+
     from evosearch import hardware
     from evosearch.model import load_model, model_fingerprint
 
     for field in ("batch", "prompt", "new_tokens"):
         _positive(field.replace("_", "-"), getattr(args, field))
+    if args.threads is not None:
+        torch.set_num_threads(_positive("threads", args.threads))
     model, _ = load_model(args.model, device=args.target, dtype=args.dtype)
     device = next(model.parameters()).device
     target = args.target or device.type
