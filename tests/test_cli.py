@@ -15,6 +15,8 @@ def run_cli(*args):
     (["eval", "--model", "/definitely/missing"], "does not exist"),
     (["eval", "--tokens", "-3"], "--tokens must be a positive number"),
     (["units", "--model", "/"], "not a model directory"),
+    (["export", "/"], "is not a finished search"),
+    (["search", "drop", "--budget", "speed=3", "--out", "/tmp/never"], "a named budget is one of"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     done = run_cli(*args)
