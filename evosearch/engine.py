@@ -128,7 +128,7 @@ class Evaluator:
             self._open[key] = trial
         todo = {k: a for k, a in zip(keys, assignments) if (k, fidelity) not in self.memo}
         todo = list(todo.items())
-        step = len(todo) if self._batched else 1
+        step = max(1, len(todo)) if self._batched else 1
         for start in range(0, len(todo), step):
             if self.max_evaluations is not None and self.n_evaluations >= self.max_evaluations:
                 raise SearchStopped
