@@ -396,7 +396,7 @@ class _Trainee:
             self.grid["groups"] += exact.numel()
             self.grid["on_grid"] += int(exact.sum())
             self.grid["weights_refitted"] += int((~exact)[:, quantizer.group].sum())
-            moved, norm = moved + float(change.norm() ** 2), norm + float(layer.weight.norm() ** 2)
+            moved, norm = moved + float(change.norm() ** 2), norm + float(layer.weight.detach().norm() ** 2)
             parametrize.register_parametrization(layer, "weight", quantizer)
             self.quantizers[name] = quantizer
         self.grid["refit_error"] = math.sqrt(moved / norm) if norm else 0.0
@@ -629,7 +629,7 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
         "settings": settings.model_dump(),
         "text": {"corpus": corpus.name, "sequence_length": length, "sequences": len(order),
                  "tokens": len(order) * length, "free_tokens": len(free) * length,
-                 "passes": round(len(order) / len(free), 2),
+                 "passes": round(len(order) / len(free), 3),
                  "excluded": "the search's calibration draws (database Hessians, fitness sequences)"},
         "steps": steps,
         "resumed_from": start,

@@ -269,3 +269,25 @@ def test_distillation_losses():
     assert distillation_loss(student, teacher, "mix", 0.25) == pytest.approx(float(0.25 * forward + 0.75 * reverse),
                                                                            rel=1e-5)
     assert float(distillation_loss(teacher, teacher, "mix")) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.real
+def test_healing_the_packaged_model_lowers_its_perplexity(tmp_path):
+    """A few steps on the 50% magnitude-pruned packaged model win back held-out perplexity and KL."""
+    from evosearch.model import load_model
+
+    model, tokenizer = load_model(None, device="cpu")
+    arch = architecture(model)
+    with torch.no_grad():
+        record = prune(arch, 0.5)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    settings = SearchSettings(space="sparsity", budget=0.5, sequence_length=128, calibration_sequences=4,
+                              fidelities=[256], eval_tokens=1024)
+    (tmp_path / "result.json").write_text(json.dumps({"settings": settings.model_dump(), **record}))
+    section = heal(tmp_path, HealSettings(tokens=128 * 2 * 4, batch_size=2, lr=1e-4, device="cpu"), progress=False)
+
+    brown = section["perplexity"]["brown"]
+    assert brown["dense"] < brown["after"] < 0.9 * brown["before"]
+    assert section["kl"]["after"] < 0.9 * section["kl"]["before"]
+    assert section["kept"]["zeros"]["after"] == section["kept"]["zeros"]["before"]
