@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-corpus", action="append", default=None, dest="eval_corpora",
                    help="another corpus for perplexity before/after, used whole (repeatable)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="the dense model's and the saved model's dtype (default: the search's)")
+    p.add_argument("--dtype", default=None,
+                   help="the dense model's and the saved model's dtype (default: the search's)")
     p.add_argument("--force", action="store_true", help="heal again, discarding a healed model or a checkpoint")
     p.set_defaults(run=cmd_heal)
 

@@ -161,7 +161,8 @@ def what_to_keep(result: dict, arch: Architecture) -> Keep:
         unit = units[name]
         if unit.kind != "linear" and is_dropped(arch, unit):
             keep.dropped.append(name)
-            keep.frozen |= {f"{linear}.{p}" for linear in unit.linears for p, _ in arch.module(linear).named_parameters()}
+            keep.frozen |= {f"{linear}.{p}" for linear in unit.linears
+                            for p, _ in arch.module(linear).named_parameters()}
         else:
             searched.extend(unit.linears)
     for name in searched:
@@ -409,7 +410,9 @@ class _Trainee:
         params = dict(model.named_parameters())
         scales = [params[n] for n in self.names if n.endswith("log_scale")]
         weights = [params[n] for n in self.names if not n.endswith("log_scale")]
-        groups = [{"params": weights, "lr": settings.lr}] + ([{"params": scales, "lr": settings.scale_lr}] if scales else [])
+        groups = [{"params": weights, "lr": settings.lr}]
+        if scales:
+            groups.append({"params": scales, "lr": settings.scale_lr})
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), weight_decay=0.0)
         warmup = math.ceil(settings.warmup * steps)
 
@@ -569,7 +572,8 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
     state = _read_checkpoint(checkpoint_dir, identity)
     if state is None:
         before = measure(student, arch, keep)
-        dense = {name: perplexity(teacher, windows, progress=progress).perplexity for name, windows in evaluations.items()}
+        dense = {name: perplexity(teacher, windows, progress=progress).perplexity
+                 for name, windows in evaluations.items()}
         metrics = _metrics(student, teacher, evaluations, kl_sequences, progress)
     else:
         before, dense, metrics = state["before"], state["dense"], state["metrics_before"]
@@ -639,7 +643,8 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
                        for name, windows in evaluations.items()},
         "kl": {"tokens": kl_sequences.numel(), "before": metrics["kl"], "after": after["kl"],
                "text": "the search's fitness sequences (not used for healing)"},
-        "kept": {"pruned_layers": len(keep.pruned), "pruned_weights": int(sum(int(z.sum()) for z in keep.pruned.values())),
+        "kept": {"pruned_layers": len(keep.pruned),
+                 "pruned_weights": sum(int(z.sum()) for z in keep.pruned.values()),
                  "zeros": {"before": before["zeros"], "after": counted["zeros"], "weights": before["weights"]},
                  "dropped": keep.dropped, "bits": counted["bits"], "quantized_layers": len(keep.formats),
                  "frozen_parameters": len(keep.frozen)},

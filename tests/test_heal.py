@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -20,8 +21,8 @@ from evosearch.database.quantization import GPTQ, QuantFormat, rtn_quantize
 from evosearch.database.sparsity import magnitude_prune
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import kl_divergence
-from evosearch.heal import (HealSettings, distillation_loss, heal, load_quantized, recover_grid, search_draws,
-                            value_bits)
+from evosearch.heal import (HealSettings, distillation_loss, heal, healing_windows, load_quantized, recover_grid,
+                            search_draws, value_bits)
 from evosearch.pipeline import SearchSettings, is_dropped, run_search
 from evosearch.units import architecture
 
@@ -253,6 +254,24 @@ def test_heal_refuses_bad_input(tmp_path, dense_dir):
     with pytest.raises(EvosearchError, match=r"formats.model.layers.0.self_attn.q_proj.bits"):
         heal(bad, quick(), progress=False)
 
+
+def test_healing_windows_avoid_every_token_the_search_drew_at_any_length(dense_dir):
+    corpus = Corpus("counting", np.arange(20_000, dtype=np.int32))
+    settings = search_settings(dense_dir, sequence_length=256, calibration_sequences=12, fidelities=[256, 2048])
+    used = set()
+    for n, length, seed in search_draws(settings):
+        used |= {int(t) for window in corpus.calibration_sequences(n, length, seed) for t in window}
+    for length in (64, 256, 1000):
+        free = healing_windows(corpus, settings, length)
+        taken = {int(t) for start in free for t in corpus.calibration[start : start + length]}
+        assert not taken & used
+        slots = len(corpus.calibration) // length  # every other whole window is free
+        assert len(free) == sum(not used & set(corpus.calibration[i * length : (i + 1) * length].tolist())
+                                for i in range(slots))
+    free = healing_windows(corpus, settings, 64)
+    order = heal_module._order(free, 2 * len(free) + 3, seed=0)  # passes over the free windows, reshuffled
+    assert sorted(order[: len(free)]) == sorted(order[len(free) : 2 * len(free)]) == sorted(free)
+    assert not np.array_equal(order[: len(free)], order[len(free) : 2 * len(free)])
 
 def test_heal_cli_names_the_bad_option(tmp_path, capsys):
     assert main(["heal", str(tmp_path), "--tokens", "0"]) == 2
