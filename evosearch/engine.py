@@ -23,8 +23,10 @@ called ``f(assignment, fidelity)``. An object with a method
 fitness) is called with a whole selection stage at once, for GPU batching or for
 worker processes (`evosearch.workers.Workers`); one that evaluates in parallel says how
 many at once as ``f.parallelism``, and Optuna's samplers then ask that many trials at a
-time. The fitness must be deterministic: a value is computed once per (assignment,
-fidelity).
+time. One that can start a batch and be waited for later has ``submit(assignments,
+fidelity)``, which returns a function that waits for the values: the engine opens the
+candidates' trials in between. The fitness must be deterministic: a value is computed
+once per (assignment, fidelity).
 
 Resume: the `Evaluator` reads every value already in the storage (reports of all
 trials, whatever their state) into a memo, and samplers derive their random numbers
@@ -91,7 +93,7 @@ class Evaluator:
         self.max_evaluations = max_evaluations
         self.tradeoff = tradeoff
         self.bar = bar
-        self._call = _caller(fitness, multi_fidelity=hasattr(fitness, "fidelities"))
+        self._submit = _submitter(fitness, multi_fidelity=hasattr(fitness, "fidelities"))
         self._batched = hasattr(fitness, "evaluate_batch")
         self.memo: dict[tuple[tuple[int, ...], int], float] = {}
         self._open: dict[tuple[int, ...], optuna.Trial] = {}
@@ -138,11 +140,12 @@ class Evaluator:
                 raise SearchStopped
             batch = todo[start : start + step]
             chunk = batch if self.max_evaluations is None else batch[: self.max_evaluations - self.n_evaluations]
+            wait = self._submit([a for _, a in chunk], fidelity)
             for key, assignment in chunk:
                 if key not in self._open:
                     self._open[key] = self.study.ask()
                     self._annotate(self._open[key], assignment, attrs)
-            values = self._call([a for _, a in chunk], fidelity)
+            values = wait()
             for (key, _), value in zip(chunk, values):
                 self._record(key, fidelity, float(value))
             if len(chunk) < len(batch):
@@ -218,6 +221,16 @@ def fidelities_of(fitness: Callable) -> list[int]:
             f"fitness.fidelities must be increasing non-negative integers such as [2048, 16384], got {declared!r}"
         )
     return [int(f) for f in fidelities]
+
+
+def _submitter(fitness: Callable, multi_fidelity: bool) -> Callable[[list[Assignment], int], Callable[[], list[float]]]:
+    """``submit(assignments, fidelity)`` returns a function that waits for their values. A fitness
+    with its own ``submit`` starts evaluating at once (workers do, while the trials are opened);
+    any other is called when the values are waited for, after its trials are open."""
+    if hasattr(fitness, "submit"):
+        return lambda assignments, fidelity: fitness.submit(assignments, fidelity if multi_fidelity else None)
+    call = _caller(fitness, multi_fidelity)
+    return lambda assignments, fidelity: lambda: call(assignments, fidelity)
 
 
 def _caller(fitness: Callable, multi_fidelity: bool) -> Callable[[list[Assignment], int], list[float]]:

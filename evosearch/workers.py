@@ -100,8 +100,9 @@ def _key(assignment: Assignment, fidelity: int | None) -> tuple[str, int | None]
 class Workers:
     """The fitness of a search whose evaluations run on worker processes.
 
-    Pass it to `search` as the fitness: ``evaluate_batch`` queues a batch in the
-    storage and returns the values when workers have reported them. As a context
+    Pass it to `search` as the fitness: ``submit`` queues a batch of evaluations in
+    the storage, and the function it returns waits until workers have reported their
+    values (``evaluate_batch`` does both). As a context
     manager it starts `count` local workers (``local=True``: ``evosearch worker``
     processes, one per entry of `devices` round robin) and stops them at the end;
     with ``local=False`` it waits for workers started elsewhere. When the block ends
@@ -178,8 +179,20 @@ class Workers:
 
     def evaluate_batch(self, assignments: list[Assignment], fidelity: int | None) -> list[float]:
         """The values of `assignments` at `fidelity`, evaluated by the workers."""
+        return self.submit(assignments, fidelity)()
+
+    def submit(self, assignments: list[Assignment], fidelity: int | None) -> Callable[[], list[float]]:
+        """Queue the evaluations that no attempt holds yet; returns the function that waits for
+        the values (`search` opens the candidates' trials while the workers start)."""
         keys = [_key(a, fidelity) for a in assignments]
         pending = dict(zip(keys, assignments))
+        self._read()
+        for key, assignment in pending.items():
+            if key not in self._attempts:
+                self._enqueue(assignment, fidelity, retry_of=None)
+        return lambda: self._wait(keys, pending, fidelity)
+
+    def _wait(self, keys: list[tuple[str, int | None]], pending: dict, fidelity: int | None) -> list[float]:
         values: dict[tuple[str, int | None], float] = {}
         delay, quiet_since = 0.002, time.monotonic()
         while pending:
@@ -211,17 +224,14 @@ class Workers:
         self._indexed = len(self._trials)
 
     def _advance(self, key: tuple[str, int | None], assignment: Assignment, fidelity: int | None) -> float | None:
-        """The evaluation's value if an attempt has it; otherwise queue, watch or re-queue it."""
+        """The evaluation's value if an attempt has it; otherwise watch its last attempt, or queue another."""
         attempts = [self._trials[n] for n in self._attempts.get(key, [])]
         for trial in attempts:
             if trial.state == TrialState.COMPLETE:
                 return trial.value
             if trial.state == TrialState.FAIL and "value" in trial.user_attrs:
                 return float(trial.user_attrs["value"])
-        if not attempts:
-            self._enqueue(assignment, fidelity, retry_of=None)
-            return None
-        last = attempts[-1]
+        last = attempts[-1]  # `submit` queued one
         if last.state == TrialState.RUNNING and self._silent(last):
             try:
                 self._store.set_trial_state_values(self._trial_id(last), TrialState.FAIL)
@@ -240,7 +250,7 @@ class Workers:
         return None
 
     def _enqueue(self, assignment: Assignment, fidelity: int | None, retry_of: int | None) -> None:
-        # The next `_read` indexes the new trial before this key is looked at again.
+        # The next `_read` indexes the new trial before `_advance` looks at this key again.
         attrs = {"assignment": assignment, "fidelity": fidelity}
         self.queue.enqueue_trial({}, user_attrs=attrs if retry_of is None else {**attrs, "retry_of": retry_of})
 
@@ -359,8 +369,12 @@ def _wait_for_study(store: BaseStorage, name: str, stop: _Stop) -> int | None:
 
 
 def _claim(store: BaseStorage, study_id: int) -> tuple[FrozenTrial, int] | None:
-    """Switch the oldest WAITING evaluation this process can get to RUNNING (atomic in the storage)."""
-    for trial in store.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+    """Switch a WAITING evaluation to RUNNING (atomic in the storage: of workers that try one
+    at once, one gets it). Each worker starts at its own place in the queue, so that they
+    seldom try the same one; the queue holds one batch, whose order does not matter."""
+    waiting = store.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,))
+    start = os.getpid() % len(waiting) if waiting else 0
+    for trial in waiting[start:] + waiting[:start]:
         trial_id = store.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:
             if store.set_trial_state_values(trial_id, TrialState.RUNNING):
