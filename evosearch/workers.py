@@ -235,7 +235,7 @@ class Workers:
         if last.state == TrialState.RUNNING and self._silent(last):
             try:
                 self._store.set_trial_state_values(self._trial_id(last), TrialState.FAIL)
-                logger.warning("evaluation %d: no heartbeat from worker %s for %g s; queueing it again",
+                logger.warning("evaluation %d: no heartbeat from worker %s for %g s; giving it up",
                                last.number, last.user_attrs.get("worker", "(unknown)"), self.grace)
             except UpdateFinishedTrialError:
                 pass  # the worker finished it meanwhile: the next read has its result
