@@ -43,7 +43,8 @@ def real_run(workers: int, tmp: Path, args) -> dict:
     from evosearch.pipeline import SearchSettings, run_search
 
     storage = str(tmp / f"{workers}.journal")
-    settings = SearchSettings(space="sparsity", budget=0.5, generations=args.generations,
+    settings = SearchSettings(space="sparsity", budget=0.5, model=args.model, corpus=args.corpus,
+                              generations=args.generations,
                               sampler_options={"offspring": args.offspring}, fidelities=[512, 2048],
                               eval_tokens=2048, baselines=[], storage=storage, workers=workers or None)
     report = run_search(settings, tmp / str(workers), progress=False)
@@ -99,6 +100,8 @@ def main():
     parser.add_argument("--generations", type=int, default=None, help="default 30 (real), 12 (synthetic)")
     parser.add_argument("--offspring", type=int, default=None, help="default 32 (real), 16 (synthetic)")
     parser.add_argument("--delay", type=float, default=0.1, help="synthetic: seconds per evaluation")
+    parser.add_argument("--model", default=None, help="real: another model than the packaged one (a HF folder)")
+    parser.add_argument("--corpus", default=None, help="real: another corpus than Brown")
     args = parser.parse_args()
     args.generations = args.generations or (12 if args.synthetic else 30)
     args.offspring = args.offspring or (16 if args.synthetic else 32)
@@ -118,7 +121,7 @@ def main():
     else:
         import torch
 
-        what = (f"SmolLM2-135M, `sparsity` space at 0.5, EvoPress with {args.offspring} offspring for "
+        what = (f"{args.model or 'SmolLM2-135M'}, `sparsity` space at 0.5, EvoPress with {args.offspring} offspring for "
                 f"{args.generations} generations, fidelities 512 and 2048 tokens; every worker on the one GPU.")
         machine = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     command = "PYTHONPATH=. python benchmarks/workers.py " + " ".join(sys.argv[1:])
