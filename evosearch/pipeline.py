@@ -43,7 +43,7 @@ from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
 from evosearch.model import load_model, model_fingerprint
 from evosearch.units import architecture
-from evosearch.workers import Workers
+from evosearch.workers import Workers, open_storage
 
 log = logging.getLogger("evosearch")
 
@@ -101,6 +101,8 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
                              ".journal) on one host, or postgresql://... across hosts")
     out = Path(out)
     prepare_output(out, resume, force)
+    if settings.workers:
+        open_storage(settings.storage)  # refuses SQLite and reaches the server before anything is loaded
     clock = _Stopwatch()
 
     spec, model, tokenizer, arch, problem, corpus, fitness_tokens = _load(settings, settings.device)

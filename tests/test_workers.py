@@ -1,8 +1,8 @@
 """A search on worker processes that share only its Optuna storage (a journal file, PostgreSQL).
 
 Every fitness call is logged (tests/workers_fitness.py), so a test can count them: each
-evaluation of the search is one COMPLETE trial of the evaluations study, and every other
-fitness call is one FAIL trial (a worker killed or stopped in the middle).
+evaluation of the search is one COMPLETE trial of the evaluations study, and a call that
+did not end in one belongs to a FAIL trial (a worker killed or stopped in the middle).
 """
 
 import json
