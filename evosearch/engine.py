@@ -20,8 +20,13 @@ that can be scored at several fidelities (say, numbers of calibration tokens)
 declares them as an attribute, ``f.fidelities = [2048, 16384, 65536]``, and is
 called ``f(assignment, fidelity)``. An object with a method
 ``evaluate_batch(assignments, fidelity)`` (fidelity is None for a single-fidelity
-fitness) is called with a whole selection stage at once, for GPU batching. The
-fitness must be deterministic: a value is computed once per (assignment, fidelity).
+fitness) is called with a whole selection stage at once, for GPU batching or for
+worker processes (`evosearch.workers.Workers`); one that evaluates in parallel says how
+many at once as ``f.parallelism``, and Optuna's samplers then ask that many trials at a
+time. One that can start a batch and be waited for later has ``submit(assignments,
+fidelity)``, which returns a function that waits for the values: the engine opens the
+candidates' trials in between. The fitness must be deterministic: a value is computed
+once per (assignment, fidelity).
 
 Resume: the `Evaluator` reads every value already in the storage (reports of all
 trials, whatever their state) into a memo, and samplers derive their random numbers
@@ -31,7 +36,8 @@ calling the fitness, and goes on exactly where it stopped. Optuna's samplers res
 by continuing the study from its trials (their own random state is not restored, so
 that continuation is not bit-identical to an uninterrupted run). Trials left RUNNING
 by a dead process are marked FAIL on resume; their reports stay in the memo. Resume
-assumes no other process is working on the same study.
+assumes no other process is working on the same study (workers write to a study of
+their own, see `evosearch.workers`).
 """
 
 from __future__ import annotations
@@ -87,7 +93,7 @@ class Evaluator:
         self.max_evaluations = max_evaluations
         self.tradeoff = tradeoff
         self.bar = bar
-        self._call = _caller(fitness, multi_fidelity=hasattr(fitness, "fidelities"))
+        self._submit = _submitter(fitness, multi_fidelity=hasattr(fitness, "fidelities"))
         self._batched = hasattr(fitness, "evaluate_batch")
         self.memo: dict[tuple[tuple[int, ...], int], float] = {}
         self._open: dict[tuple[int, ...], optuna.Trial] = {}
@@ -128,17 +134,18 @@ class Evaluator:
             self._open[key] = trial
         todo = {k: a for k, a in zip(keys, assignments) if (k, fidelity) not in self.memo}
         todo = list(todo.items())
-        step = max(1, len(todo)) if self._batched else 1
+        step = max(len(todo), 1) if self._batched else 1  # a replayed stage may need nothing new
         for start in range(0, len(todo), step):
             if self.max_evaluations is not None and self.n_evaluations >= self.max_evaluations:
                 raise SearchStopped
             batch = todo[start : start + step]
             chunk = batch if self.max_evaluations is None else batch[: self.max_evaluations - self.n_evaluations]
+            wait = self._submit([a for _, a in chunk], fidelity)
             for key, assignment in chunk:
                 if key not in self._open:
                     self._open[key] = self.study.ask()
                     self._annotate(self._open[key], assignment, attrs)
-            values = self._call([a for _, a in chunk], fidelity)
+            values = wait()
             for (key, _), value in zip(chunk, values):
                 self._record(key, fidelity, float(value))
             if len(chunk) < len(batch):
@@ -216,6 +223,16 @@ def fidelities_of(fitness: Callable) -> list[int]:
     return [int(f) for f in fidelities]
 
 
+def _submitter(fitness: Callable, multi_fidelity: bool) -> Callable[[list[Assignment], int], Callable[[], list[float]]]:
+    """``submit(assignments, fidelity)`` returns a function that waits for their values. A fitness
+    with its own ``submit`` starts evaluating at once (workers do, while the trials are opened);
+    any other is called when the values are waited for, after its trials are open."""
+    if hasattr(fitness, "submit"):
+        return lambda assignments, fidelity: fitness.submit(assignments, fidelity if multi_fidelity else None)
+    call = _caller(fitness, multi_fidelity)
+    return lambda assignments, fidelity: lambda: call(assignments, fidelity)
+
+
 def _caller(fitness: Callable, multi_fidelity: bool) -> Callable[[list[Assignment], int], list[float]]:
     if hasattr(fitness, "evaluate_batch"):
         return lambda assignments, fidelity: list(fitness.evaluate_batch(assignments, fidelity if multi_fidelity else None))
@@ -238,6 +255,7 @@ class Context:
     study: optuna.Study
     evaluator: Evaluator
     bar: tqdm
+    parallelism: int = 1  # evaluations the fitness runs at once (workers)
 
     def rng(self, *step: int) -> np.random.Generator:
         """The random stream of one step of the search; the same on every replay."""
@@ -355,7 +373,8 @@ def search(
 
     bar = tqdm(disable=not progress, desc=f"evosearch {name}", dynamic_ncols=True)
     evaluator = Evaluator(study, space, budgets, fitness, n_trials, tradeoff, bar)
-    ctx = Context(space, budgets, Feasibility(space, budgets), anchor, seed, fidelities, n_trials, study, evaluator, bar)
+    ctx = Context(space, budgets, Feasibility(space, budgets), anchor, seed, fidelities, n_trials, study, evaluator, bar,
+                  parallelism=getattr(fitness, "parallelism", 1))
     try:
         with _quiet_optuna():
             sampler.run(ctx)

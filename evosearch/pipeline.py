@@ -10,7 +10,9 @@ winner in place, measures it against the dense model and writes ``out/``:
     study.db       every evaluated candidate (an Optuna study; ``--resume`` continues it)
 
 ``SearchSettings`` is the whole run as data, so a run is reproducible from its
-``result.json`` alone.
+``result.json`` alone. With ``workers`` the candidates are evaluated by worker processes
+(`evosearch.workers`) that rebuild the fitness from those settings, stored in the study:
+``worker_fitness`` is what each of them runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 import platform
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +43,7 @@ from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
 from evosearch.model import load_model, model_fingerprint
 from evosearch.units import architecture
+from evosearch.workers import Workers, open_storage
 
 log = logging.getLogger("evosearch")
 
@@ -73,6 +77,8 @@ class SearchSettings(BaseModel):
     database: str | None = Field(None, description="database folder (default: in the cache, keyed by its inputs)")
     storage: str | None = Field(None, description="Optuna storage URL (default: out/study.db)")
     baselines: list[str] | None = Field(None, description="baselines to report beside the search (default: the space's)")
+    workers: int | None = Field(None, ge=1, description="evaluate candidates on this many worker processes sharing "
+                                                        "the storage (Optuna samplers then ask this many at a time)")
 
 
 def prepare_output(out: Path, resume: bool, force: bool) -> None:
@@ -89,18 +95,20 @@ def prepare_output(out: Path, resume: bool, force: bool) -> None:
 
 
 def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = False, force: bool = False,
-               progress: bool = True) -> dict:
+               progress: bool = True, remote: bool = False) -> dict:
+    """Run the search that `settings` describe into `out`. With ``settings.workers``, start
+    that many local workers, or with `remote` wait for as many ``evosearch worker``
+    processes started elsewhere."""
+    if settings.workers and not settings.storage:
+        raise EvosearchError("--workers needs --storage that workers can share: a journal file (path ending in "
+                             ".journal) on one host, or postgresql://... across hosts")
     out = Path(out)
     prepare_output(out, resume, force)
+    if settings.workers:
+        open_storage(settings.storage)  # refuses SQLite and reaches the server before anything is loaded
     clock = _Stopwatch()
 
-    spec = CompressionSpace.load(settings.space)
-    model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype)
-    arch = architecture(model)
-    problem, table = search_problem(settings, spec, arch)
-    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
-    fitness_sequences = math.ceil(max(settings.fidelities) / settings.sequence_length)
-    fitness_tokens = corpus.calibration_sequences(fitness_sequences, settings.sequence_length, seed=settings.seed + 1)
+    spec, model, tokenizer, arch, problem, table, corpus, fitness_tokens = _load(settings, settings.device)
     eval_windows = corpus.evaluation_windows(settings.eval_tokens, 1024)
     clock.lap("load")
 
@@ -125,10 +133,15 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     if settings.generations is not None and settings.sampler == "evopress":
         sampler_options["generations"] = settings.generations
     _register_heuristics(problem, database)
-    result = search(problem.space, fitness, problem.budget, sampler=settings.sampler, n_trials=settings.trials,
-                    seed=settings.seed, storage=settings.storage or f"sqlite:///{(out / 'study.db').resolve()}",
-                    study_name=f"evosearch-{spec.name or 'search'}", resume=resume,
-                    sampler_options=sampler_options, progress=progress)
+    storage = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    study_name = f"evosearch-{spec.name or 'search'}"
+    evaluation = nullcontext(fitness) if not settings.workers else Workers(
+        storage, study_name, count=settings.workers, options=settings.model_dump(), fidelities=fitness.fidelities,
+        local=not remote, devices=[settings.device] if settings.device else _gpus())
+    with evaluation as evaluate:
+        result = search(problem.space, evaluate, problem.budget, sampler=settings.sampler, n_trials=settings.trials,
+                        seed=settings.seed, storage=storage, study_name=study_name, resume=resume,
+                        sampler_options=sampler_options, progress=progress)
     clock.lap("search")
 
     baselines = {}
@@ -195,6 +208,44 @@ def _whole_model(settings: SearchSettings, problem: SearchProblem, best: dict, t
         rest = table.rest(problem, "decode_ms" if settings.budget_resource == "latency_ms" else "prefill_ms")
     return {"whole_model_planned": rest + problem.budget.usage(problem.space, best),
             "target": None if table is None else f"{table.target} ({table.device})"}
+def _load(settings: SearchSettings, device: str | None):
+    """The space, model, problem (with its hardware table, if any), corpus and fitness tokens that
+    `settings` name."""
+    spec = CompressionSpace.load(settings.space)
+    model, tokenizer = load_model(settings.model, device=device, dtype=settings.dtype)
+    arch = architecture(model)
+    problem, table = search_problem(settings, spec, arch)
+    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
+    fitness_sequences = math.ceil(max(settings.fidelities) / settings.sequence_length)
+    fitness_tokens = corpus.calibration_sequences(fitness_sequences, settings.sequence_length, seed=settings.seed + 1)
+    return spec, model, tokenizer, arch, problem, table, corpus, fitness_tokens
+
+
+def worker_fitness(options: dict, device: str | None = None) -> KLFitness:
+    """The KL fitness of the search that `options` (its `SearchSettings`) describe, built in a
+    worker process on `device` (default: the search's).
+
+    The worker only reads the database: the search builds it before it queues any
+    evaluation, and many workers must not build one database at once.
+    """
+    settings = SearchSettings(**options)
+    _, model, _, arch, problem, _, corpus, fitness_tokens = _load(settings, device or settings.device)
+    database = _open_database(settings, problem, model_fingerprint(model), corpus)
+    missing = [f"{unit}/{key}" for unit, keys in problem.keys.items() for key in keys
+               if key not in ("dense", "drop") and not database.has(unit, key)]
+    if missing:
+        raise EvosearchError(f"database {database.root} lacks {len(missing)} entries (such as {missing[0]}); "
+                             f"workers read the search's database: on another host, give them its folder "
+                             f"(--database on a shared file system)")
+    teacher = Teacher.build(model, fitness_tokens, top_k=settings.top_k, progress=False)
+    fitness = KLFitness(CandidateModel(model, arch, problem, database), teacher)
+    fitness.fidelities = sorted(settings.fidelities)
+    return fitness
+
+
+def _gpus() -> list[str]:
+    """One device per local worker, round robin: the visible GPUs, else the CPU."""
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
 
 
 class _Stopwatch:

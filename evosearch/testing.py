@@ -11,11 +11,18 @@ brute force). Resources are integers so that the optimum is exact.
   EvoPress convergence theorem).
 - `interacting_drop`: drop k of n blocks where dropping neighbours costs extra, so
   the sum of per-block costs misleads (brute-force optimum).
+
+`slow_fitness` rebuilds one of them from JSON options, as a worker process does
+(``evosearch worker --fitness evosearch.testing:slow_fitness``), multi-fidelity and with
+a fixed time per evaluation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -156,3 +163,32 @@ def interacting_drop(n: int = 16, k: int = 6, penalty: float = 4.0, seed: int = 
         if cost(x) < value:
             best, value = x, cost(x)
     return Problem(space, Budget(resource="dropped", total=k), fitness, value, space.assignment(best))
+
+
+PROBLEMS = {"knapsack": knapsack, "evopress_shaped": evopress_shaped, "linear_drop": linear_drop,
+            "interacting_drop": interacting_drop}
+
+
+class SlowFitness:
+    """A problem's fitness that takes `delay` seconds per call; with `fidelities`, scored at a
+    fidelity f it is off by a deterministic relative error below 1/f (the same in every process)."""
+
+    def __init__(self, problem: Problem, fidelities: list[int] | None, delay: float):
+        self.problem, self.delay = problem, delay
+        if fidelities:
+            self.fidelities = fidelities
+
+    def __call__(self, assignment: Assignment, fidelity: int | None = None) -> float:
+        time.sleep(self.delay)
+        value = self.problem.fitness(assignment)
+        if fidelity is None:
+            return value
+        digest = int(hashlib.sha256(json.dumps(assignment, sort_keys=True).encode()).hexdigest()[:8], 16)
+        return value * (1 + digest % 97 / (97 * fidelity))
+
+
+def slow_fitness(options: dict, device: str | None = None) -> SlowFitness:
+    """A worker's fitness: options ``{"problem": "evopress_shaped", "args": {...},
+    "fidelities": [1, 8], "delay": 0.05}`` (`device` is unused)."""
+    problem = PROBLEMS[options["problem"]](**options.get("args", {}))
+    return SlowFitness(problem, options.get("fidelities"), options.get("delay", 0.0))

@@ -42,7 +42,8 @@ class Database:
                                          f"set; use another --database folder or delete it")
                 self.identity = record.get("identity", {})
                 self.stats = record.get("stats", {})
-            self._save_meta()
+            else:  # written once: workers open one database at the same time
+                self._save_meta()
 
     def _path(self, unit: str, key: str) -> Path:
         return self.root / unit / f"{key}.safetensors"

@@ -22,6 +22,11 @@ made for unordered categories; it would discard the order of the levels.
 the first budget's), minimised unless ``direction="maximize"``; the result carries
 the Pareto set. Its budgets still hold for every trial.
 
+With workers (``fitness.parallelism`` > 1) each round asks that many trials and tells
+them together; TPE (``constant_liar``, on by default in Optuna 5) and GP treat the
+trials still RUNNING as Optuna's parallel workers would. The result then depends on
+the number of workers, not on their timing.
+
 A resumed study continues from its trials; Optuna's samplers do not restore their
 random state, so the continuation is not identical to an uninterrupted run.
 """
@@ -71,14 +76,27 @@ class OptunaSampler(Sampler):
         ctx.bar.reset(total=ctx.n_trials)
         ctx.bar.unit = "trial"
         ctx.bar.update(done)
-        for _ in range(done, ctx.n_trials):
-            trial = ctx.study.ask(distributions)
-            proposal = np.array([trial.params[u.name] for u in space.units])
-            x = ctx.feasibility.repair(proposal, ctx.rng(trial.number), ctx.anchor)
-            assignment = space.assignment(x)
-            ctx.evaluator.evaluate([assignment], fidelity, trials=[trial], attrs={"repaired": bool((x != proposal).any())})
-            ctx.evaluator.complete([assignment], fidelity)
-            ctx.bar.update()
+        while done < ctx.n_trials:
+            # A batch of ask/tell, one trial per parallel evaluation: the trials asked earlier in
+            # the batch are RUNNING when the next is asked, which TPE's constant liar and GP heed.
+            trials = [ctx.study.ask(distributions) for _ in range(min(ctx.parallelism, ctx.n_trials - done))]
+            assignments = []
+            for trial in trials:
+                proposal = np.array([trial.params[u.name] for u in space.units])
+                x = ctx.feasibility.repair(proposal, ctx.rng(trial.number), ctx.anchor)
+                trial.set_user_attr("repaired", bool((x != proposal).any()))
+                assignments.append(space.assignment(x))
+            first = {}  # repair may give two trials of a batch one assignment: evaluate it once
+            for trial, assignment in zip(trials, assignments):
+                first.setdefault(ctx.evaluator.key(assignment), (trial, assignment))
+            ctx.evaluator.evaluate([a for _, a in first.values()], fidelity, trials=[t for t, _ in first.values()])
+            ctx.evaluator.complete([a for _, a in first.values()], fidelity)
+            for trial, assignment in zip(trials, assignments):
+                if first[ctx.evaluator.key(assignment)][0] is not trial:  # its value is in the memo now
+                    ctx.evaluator.evaluate([assignment], fidelity, trials=[trial])
+                    ctx.evaluator.complete([assignment], fidelity)
+            ctx.bar.update(len(trials))
+            done += len(trials)
 
 
 class NSGAII(OptunaSampler):
