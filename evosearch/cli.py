@@ -56,9 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_units)
 
     p = commands.add_parser("search", help="search the best compression of a model under a budget")
-    p.add_argument("space", help="a ready space (sparsity, sparsity-2of4, drop) or a space YAML file")
+    p.add_argument("space", help="a ready space (sparsity, sparsity-2of4, drop, quant, sparsity-quant) or a space "
+                                 "YAML file")
     p.add_argument("--budget", type=float, required=True,
-                   help="the space's budget, e.g. 0.5 average sparsity or 0.25 of blocks dropped")
+                   help="the space's budget, e.g. 0.5 average sparsity, 0.25 of blocks dropped, 3.5 average bits "
+                        "or 0.25 of the float16 bytes")
     _model_arguments(p)
     _corpus_arguments(p)
     p.add_argument("--sampler", default="evopress",
@@ -214,6 +216,10 @@ def print_report(report: dict) -> None:
           f"counted from the searched model's weights: {budget['measured']:.4f}")
     print(f"{'parameters in searched units':<{width}}  {params['dense'] / 1e6:.2f}M dense, "
           f"{params['kept'] / 1e6:.2f}M kept")
+    if "quantization" in report:
+        q = report["quantization"]
+        print(f"{'packed searched units':<{width}}  {q['bytes'] / 2**20:.2f} MiB ({q['fp16_fraction']:.1%} of float16), "
+              f"{q['bits']:.3f} bits per weight on average (scales and zero points apart)")
 
 
 def cmd_fetch(args) -> int:
