@@ -112,7 +112,7 @@ class QuantizationSpace(_Spec):
 
     def format_identity(self) -> dict:
         """What the database's entries depend on besides their key."""
-        return self.model_dump(exclude={"kind", "units", "bits"})
+        return self.model_dump(exclude={"kind", "units", "bits", "sparsity"})  # keys hold bits and zeros
 
 
 class SparsityQuantSpace(QuantizationSpace):

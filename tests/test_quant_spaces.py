@@ -238,6 +238,11 @@ def test_database_identity_holds_the_format(tmp_path, llama):
     for change in ({"group_size": 64}, {"symmetric": True}, {"act_order": True}, {"method": "rtn"}):
         with pytest.raises(EvosearchError, match="built for another model, method or calibration"):
             _open_database(settings, space("quant", **change).materialize(arch, 3), "model", corpus)
+    joint = SearchSettings(space="sparsity-quant", budget=0.3, database=str(tmp_path / "joint"))
+    _open_database(joint, space("sparsity-quant").materialize(arch, 0.3), "model", corpus)
+    _open_database(joint, space("sparsity-quant", sparsity=[0.0, 0.7]).materialize(arch, 0.3), "model", corpus)
+    with pytest.raises(EvosearchError, match="built for another model, method or calibration"):
+        _open_database(joint, space("sparsity-quant", pruning="wanda").materialize(arch, 0.3), "model", corpus)
 
 
 @pytest.mark.real
