@@ -254,7 +254,7 @@ def test_quant_search_end_to_end_on_the_packaged_model(real, tmp_path, capsys):
         "name": "quant-rtn", "compression": {"kind": "quantization", "method": "rtn", "bits": [3, 4], "group_size": 128},
         "budget": {"resource": "bits", "form": "max_average"}, "baselines": ["uniform"]}))
     out = tmp_path / "out"
-    assert main(["search", str(spec), "--budget", "3.5", "--generations", "2", "--offspring", "4",
+    assert main(["search", str(spec), "--budget", "3.5", "--generations", "1", "--offspring", "2",
                  "--calibration-sequences", "2", "--sequence-length", "64", "--fidelities", "128",
                  "--eval-tokens", "1024", "--database", str(tmp_path / "db"), "--out", str(out)]) == 0
     assert "bits per weight on average" in capsys.readouterr().out
