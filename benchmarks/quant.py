@@ -100,7 +100,8 @@ def main():
 
     comp = spec.compression
     date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
-    command = "PYTHONPATH=. python benchmarks/quant.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = f"{threads}PYTHONPATH=. python benchmarks/quant.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     label = report["budget"]["label"]
     run = "\n".join([
         f"### `{command.strip()}`",
