@@ -30,9 +30,9 @@ def sequences(n=4, length=32, seed=0):
 
 
 def space(name: str = "quant", **compression) -> CompressionSpace:
-    """A ready space with some compression fields replaced."""
-    spec = CompressionSpace.load(name)
-    return spec.model_copy(update={"compression": spec.compression.model_copy(update=compression)})
+    """A ready space with some compression fields replaced (and validated)."""
+    spec = CompressionSpace.load(name).model_dump()
+    return CompressionSpace.model_validate(spec | {"compression": spec["compression"] | compression})
 
 
 def block0_hessian(model, arch, name, ids, batch_size=2) -> Hessian:
