@@ -56,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_units)
 
     p = commands.add_parser("search", help="search the best compression of a model under a budget")
-    p.add_argument("space", help="a ready space (sparsity, sparsity-2of4, drop) or a space YAML file")
+    p.add_argument("space", help="a ready space (sparsity, sparsity-2of4, drop, quant, sparsity-quant) or a space "
+                                 "YAML file")
     p.add_argument("--budget", required=True,
-                   help="the space's budget, e.g. 0.5 average sparsity or 0.25 of blocks dropped; or a whole-model "
-                        "limit: latency_ms=MS (per generated token), prefill_ms=MS (with --hardware), bytes=N")
+                   help="the space's budget, e.g. 0.5 average sparsity, 0.25 of blocks dropped, 3.5 average bits or "
+                        "0.25 of the float16 bytes; or a whole-model limit: latency_ms=MS (per generated token), "
+                        "prefill_ms=MS (with --hardware), bytes=N")
     p.add_argument("--hardware", default=None, help="hardware table from `evosearch profile`, for latency budgets")
     _model_arguments(p)
     _corpus_arguments(p)
@@ -292,6 +294,10 @@ def print_report(report: dict) -> None:
         print(f"{label:<{width}}  counted from the searched model's weights: {budget['measured']:.4f}")
     print(f"{'parameters in searched units':<{width}}  {params['dense'] / 1e6:.2f}M dense, "
           f"{params['kept'] / 1e6:.2f}M kept")
+    if "quantization" in report:
+        q = report["quantization"]
+        print(f"{'packed searched units':<{width}}  {q['bytes'] / 2**20:.2f} MiB ({q['fp16_fraction']:.1%} of float16), "
+              f"{q['bits']:.3f} bits per weight on average (scales and zero points apart)")
 
 
 def cmd_profile(args) -> int:
@@ -339,6 +345,9 @@ def cmd_export(args) -> int:
     print(f"{report.blocks} decoder blocks, {report.parameters / 1e6:.2f}M parameters, "
           f"{report.tensor_bytes / 1e6:.1f} MB of tensors ({args.format}) written to {out}")
     print("vLLM: " + ("serves it" if vllm["servable"] else "not as written: " + "; ".join(vllm["reasons"][:3])))
+    return 0
+
+
 def cmd_heal(args) -> int:
     from pydantic import ValidationError
 
@@ -354,6 +363,9 @@ def cmd_heal(args) -> int:
     section = heal(args.result, settings, force=args.force)
     print(summary(section))
     print(f"healed model written to {os.path.join(args.result, HEALED)}; result.json has a heal section")
+    return 0
+
+
 def cmd_worker(args) -> int:
     from evosearch.workers import DEFAULT_FACTORY, run_worker
 

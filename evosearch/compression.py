@@ -21,6 +21,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from evosearch.database.quantization import QuantFormat, packed_bytes
 from evosearch.errors import EvosearchError
 from evosearch.space import Budget, Space, Unit
 from evosearch.units import Architecture, ModelUnit
@@ -87,6 +88,63 @@ class DropSpace(_Spec):
         return units
 
 
+class QuantizationSpace(_Spec):
+    """A bit-width per linear layer, every level built by GPTQ (or round-to-nearest) in one format.
+
+    Layers are grouped by shape, so an EvoPress level switch trades a bit between two
+    layers of equal size and keeps the average bit-width exactly (with equally spaced
+    ``bits``). The database identity holds the format, so another group size, grid or
+    method never reuses entries.
+    """
+
+    kind: Literal["quantization"] = "quantization"
+    method: Literal["rtn", "gptq"] = "gptq"
+    units: Literal["linear"] = "linear"
+    bits: list[int] = [2, 3, 4, 5, 6]
+    group_size: int | None = Field(128, ge=1, description="input columns per scale; null = one group per row")
+    symmetric: bool = False
+    act_order: bool = Field(False, description="GPTQ: quantise the inputs with the largest Hessian diagonal first")
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, bits):
+        if not bits or len(set(bits)) != len(bits) or not all(2 <= b <= 8 for b in bits):
+            raise ValueError(f"bits must be distinct bit-widths from 2 to 8, like [2, 3, 4], got {bits}")
+        return sorted(bits, reverse=True)  # least compressed first
+
+    def format(self, bits: int) -> QuantFormat:
+        return QuantFormat(bits, self.group_size, self.symmetric)
+
+    def format_identity(self) -> dict:
+        """What the database's entries depend on besides their key."""
+        return self.model_dump(exclude={"kind", "units", "bits", "sparsity"})  # keys hold bits and zeros
+
+
+class SparsityQuantSpace(QuantizationSpace):
+    """Joint levels: a (sparsity, bit-width) pair per linear layer, pruned then quantised.
+
+    Each layer is pruned (SparseGPT by default) to every sparsity, then each pruned
+    weight is quantised to every bit-width with its zeros kept: GPTQ runs with the
+    pruning mask fixed (see ``GPTQ``), and round-to-nearest keeps zeros because 0 is
+    on every grid. A level's cost is its packed bytes in the smaller of the dense and
+    the bitmask layout (``packed_bytes``); a (sparsity, bits) pair whose bitmask layout
+    saves nothing over the dense one (sparsity x bits <= 1) is left out, since the
+    denser level at the same bit-width costs the same. Levels are named like
+    ``50%@4bit`` and ordered by bytes, most first.
+    """
+
+    kind: Literal["sparsity-quant"] = "sparsity-quant"
+    pruning: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    sparsity: list[float] = [0.0, 0.25, 0.5]
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, sparsity):
+        if not sparsity or len(set(sparsity)) != len(sparsity) or not all(0 <= s < 1 for s in sparsity):
+            raise ValueError(f"sparsity must be distinct fractions in [0, 1), like [0.0, 0.5], got {sparsity}")
+        return sorted(sparsity)
+
+
 class BudgetSpec(_Spec):
     """How ``--budget VALUE`` is read: the resource, and whether VALUE is an average or a fraction of units."""
 
@@ -98,7 +156,8 @@ class BudgetSpec(_Spec):
 class CompressionSpace(_Spec):
     name: str = ""
     description: str = ""
-    compression: Annotated[Union[SparsitySpace, DropSpace], Field(discriminator="kind")]
+    compression: Annotated[Union[SparsitySpace, DropSpace, QuantizationSpace, SparsityQuantSpace],
+                           Field(discriminator="kind")]
     budget: BudgetSpec
     sampler: dict = Field(default_factory=dict, description="default sampler options for this space")
     baselines: list[str] = Field(default_factory=list,
@@ -129,6 +188,8 @@ class CompressionSpace(_Spec):
     def materialize(self, arch: Architecture, budget_value: float) -> "SearchProblem":
         if isinstance(self.compression, SparsitySpace):
             return _sparsity_problem(self, self.compression, arch, budget_value)
+        if isinstance(self.compression, QuantizationSpace):
+            return _quantization_problem(self, self.compression, arch, budget_value)
         return _drop_problem(self, self.compression, arch, budget_value)
 
     def materialize_levels(self, arch: Architecture) -> "SearchProblem":
@@ -223,6 +284,50 @@ def _drop_problem(spec: CompressionSpace, comp: DropSpace, arch: Architecture, t
     keys = {u.name: ["dense", "drop"] for u in model_units}
     return SearchProblem(spec, arch, space, _budget(spec.budget, space, target), {u.name: u for u in model_units},
                          keys)
+
+
+def quant_key(zeros: int, bits: int) -> str:
+    """Database key of a quantised (and, with zeros > 0, pruned) linear layer."""
+    return f"bits={bits}" if zeros == 0 else f"zeros={zeros},bits={bits}"
+
+
+def parse_quant_key(key: str) -> tuple[int, int]:
+    """(zeros, bits) of a ``quant_key``."""
+    fields = dict(part.split("=") for part in key.split(","))
+    return int(fields.get("zeros", 0)), int(fields["bits"])
+
+
+def _quantization_problem(spec: CompressionSpace, comp: QuantizationSpace, arch: Architecture,
+                          target: float) -> SearchProblem:
+    """Levels are bit-widths (``QuantizationSpace``) or (sparsity, bits) pairs (``SparsityQuantSpace``)."""
+    linears = arch.units("linear")
+    joint = isinstance(comp, SparsityQuantSpace)
+    pairs = [(s, b) for s in comp.sparsity for b in comp.bits if s == 0 or s * b > 1] if joint else \
+        [(0.0, b) for b in comp.bits]
+    if joint:  # most bytes first, in the same order in every layer (costs per weight barely depend on shape)
+        shape = linears[0].shape
+        pairs.sort(key=lambda p: (-packed_bytes(shape, comp.format(p[1]), round((1 - p[0]) * shape[0] * shape[1])),
+                                  p[0]))
+    units, keys = [], {}
+    for u in linears:
+        size = u.shape[0] * u.shape[1]
+        zeros = [round(s * size) for s, _ in pairs]
+        nbytes = [packed_bytes(u.shape, comp.format(b), size - z if joint else None) for z, (_, b) in zip(zeros, pairs)]
+        resources = {"bits": [float(b) for _, b in pairs], "bytes": [float(n) for n in nbytes],
+                     "fp16_fraction": [n / (2 * size) for n in nbytes], "params": [float(size - z) for z in zeros]}
+        if joint:
+            resources["sparsity"] = [z / size for z in zeros]
+        levels = [f"{100 * s:g}%@{b}bit" for s, b in pairs] if joint else [b for _, b in pairs]
+        units.append(Unit(name=u.name, levels=levels, size=size, group=f"{u.shape[0]}x{u.shape[1]}",
+                          resources=resources))
+        keys[u.name] = [quant_key(z, b) for z, (_, b) in zip(zeros, pairs)]
+    space = Space(units=units, name=spec.name, description=spec.description)
+    budget = _budget(spec.budget, space, target)
+    (low, high), (lower, upper) = budget.range(space), budget.bounds()
+    if low > upper or high < lower:
+        raise EvosearchError(f"--budget {target} is out of reach: the {budget.form.split('_')[-1]} "
+                             f"{budget.resource} of this space ranges over [{low:.4g}, {high:.4g}]")
+    return SearchProblem(spec, arch, space, budget, {u.name: u for u in linears}, keys)
 
 
 def _budget(spec: BudgetSpec, space: Space, value: float, rounding: float = 0.0) -> Budget:

@@ -33,9 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evosearch import __version__, assets
 from evosearch.candidate import CandidateModel
-from evosearch.compression import CompressionSpace, SearchProblem
+from evosearch.compression import CompressionSpace, QuantizationSpace, SearchProblem, SparsityQuantSpace, parse_quant_key
 from evosearch.data import load_corpus
 from evosearch.database.build import build_database
+from evosearch.database.quantization import distinct_per_group, packed_bytes
 from evosearch.database.store import Database
 from evosearch.engine import search
 from evosearch.errors import EvosearchError
@@ -158,10 +159,12 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     tokenizer.save_pretrained(out / "model")
     report = {
         "settings": settings.model_dump(),
-        "space": {"name": spec.name, "description": spec.description, "units": len(problem.space.units)},
+        "space": {"name": spec.name, "description": spec.description, "units": len(problem.space.units),
+                  "compression": spec.compression.model_dump()},
         "budget": {"resource": problem.budget.resource, "label": problem.budget.label, "value": settings.budget,
                    "planned": problem.budget.usage(problem.space, best),
-                   "measured": measured_usage(model, arch, problem)} | _whole_model(settings, problem, best, table),
+                   "measured": measured_usage(model, arch, problem, candidate.current)}
+                  | _whole_model(settings, problem, best, table),
         "database": str(database.root) if database.root else None,
         "assignment": best,
         "fitness": {"kl": final_kl, "tokens": teacher.max_tokens, "search_value": result.best.value},
@@ -175,6 +178,8 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         "timings": clock.times,
         "versions": versions(),
     }
+    if isinstance(spec.compression, QuantizationSpace):
+        report["quantization"] = quantized_usage(arch, problem, candidate.current)
     (out / "result.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -268,7 +273,7 @@ def _evaluate_baseline(name: str, problem: SearchProblem, fitness: KLFitness, ca
     candidate.apply(result.best.assignment)
     ppl = perplexity(candidate.model, eval_windows, tokenizer=tokenizer, progress=progress)
     return {"kl": fitness.teacher.kl(candidate.model), "perplexity": ppl.perplexity,
-            "assignment": result.best.assignment}
+            "usage": problem.budget.usage(problem.space, result.best.assignment), "assignment": result.best.assignment}
 
 
 def _open_database(settings: SearchSettings, problem: SearchProblem, fingerprint: str, corpus) -> Database:
@@ -277,6 +282,8 @@ def _open_database(settings: SearchSettings, problem: SearchProblem, fingerprint
                 "corpus": hashlib.sha256(corpus.calibration.tobytes()).hexdigest()[:16],
                 "sequences": settings.calibration_sequences, "length": settings.sequence_length,
                 "seed": settings.seed, "dtype": str(settings.dtype)}
+    if isinstance(comp, QuantizationSpace):
+        identity["format"] = comp.format_identity()
     root = Path(settings.database) if settings.database else (
         assets.cache_dir() / "databases" / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16])
     return Database(root, identity=identity)
@@ -294,9 +301,16 @@ def _dense_perplexity(model, tokenizer, windows: torch.Tensor, fingerprint: str,
     return value
 
 
-def measured_usage(model, arch, problem: SearchProblem) -> float | None:
-    """The budget's resource counted from the model's weights, not from the plan."""
+def measured_usage(model, arch, problem: SearchProblem, applied: dict[str, str] | None = None) -> float | None:
+    """The budget's resource counted from the model's weights, not from the plan.
+
+    Quantised layers do not show their bit-width, so for them ``applied`` (unit ->
+    database key, ``CandidateModel.current``) says which format each layer holds and
+    ``quantized_usage`` checks the weights against it.
+    """
     resource = problem.budget.resource
+    if isinstance(problem.spec.compression, QuantizationSpace):
+        return quantized_usage(arch, problem, applied)[resource]
     if resource == "sparsity":
         zeros = sum(int((arch.module(u).weight == 0).sum()) for u in problem.model_units)
         return zeros / sum(arch.module(u).weight.numel() for u in problem.model_units)
@@ -305,6 +319,37 @@ def measured_usage(model, arch, problem: SearchProblem) -> float | None:
     if resource in ("latency_ms", "prefill_ms", "bytes"):
         return None  # counted on the export (evosearch.json's tensor_bytes) and measured on the target, not here
     raise EvosearchError(f"no way to count {resource!r} from weights")
+
+
+def quantized_usage(arch, problem: SearchProblem, applied: dict[str, str]) -> dict[str, float]:
+    """Average bits, packed bytes, their fraction of float16 and the non-zero weights of the
+    searched layers in the formats ``applied`` names, checked against the weights.
+
+    A layer's bit-width is taken from the applied format and verified: every group of
+    its weights must hold at most 2^bits distinct values. Zeros are counted from the
+    weights, so a joint level's bytes are those of the weights as they are (rounding may
+    zero a few more than pruning did; the quantisation-only spaces store every weight).
+    """
+    comp = problem.spec.compression
+    joint = isinstance(comp, SparsityQuantSpace)
+    weights = bits = nbytes = nonzeros = 0
+    for unit in problem.model_units:
+        W = arch.module(unit).weight
+        _, b = parse_quant_key(applied[unit])
+        fmt = comp.format(b)
+        most = int(distinct_per_group(W, fmt.group_size).max())
+        if most > 2**b:
+            raise RuntimeError(f"{unit} holds {most} distinct values in one group: not the applied {b}-bit format")
+        count = int(torch.count_nonzero(W))
+        weights += W.numel()
+        bits += b * W.numel()
+        nbytes += packed_bytes(tuple(W.shape), fmt, count if joint else None)
+        nonzeros += count if joint else W.numel()
+    usage = {"bits": bits / weights, "bytes": float(nbytes), "fp16_fraction": nbytes / (2 * weights),
+             "params": float(nonzeros)}
+    if joint:
+        usage["sparsity"] = 1 - nonzeros / weights
+    return usage
 
 
 def is_dropped(arch, mu) -> bool:

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from evosearch.compression import SearchProblem, SparsitySpace
+from evosearch.compression import QuantizationSpace, SearchProblem, SparsityQuantSpace, SparsitySpace, parse_quant_key
 from evosearch.database.hessian import Hessian
+from evosearch.database.quantization import GPTQ, rtn_quantize
 from evosearch.database.sparsity import SparseGPT, magnitude_prune, wanda_prune
 from evosearch.database.store import Database
 from evosearch.units import Architecture
@@ -97,7 +98,8 @@ def build_database(model, arch: Architecture, problem: SearchProblem, database: 
     for b in tqdm(range(last + 1), desc="database", unit="block", disable=not progress):
         block = arch.blocks[b]
         linears = arch.linears(b)
-        hessians = _hessian_hooks(arch, b) if (by_block[b] or need_stats) and isinstance(comp, SparsitySpace) else {}
+        hessians = _hessian_hooks(arch, b) if (by_block[b] or need_stats) and isinstance(
+            comp, (SparsitySpace, QuantizationSpace)) else {}
         handles = [arch.module(name).register_forward_hook(hook) for name, hook in hessians.get("hooks", {}).items()]
         influence = _InfluenceMeter(arch, b) if need_stats else None
         try:
@@ -123,7 +125,8 @@ def build_database(model, arch: Architecture, problem: SearchProblem, database: 
                 database.stats.setdefault(arch.block_name(b), {})["outlier_ratio"] = _outlier_ratio(
                     [(arch.module(n).weight, per_linear[n].column_norms()) for n in linears])
             for unit in by_block[b]:
-                _compress_unit(comp, arch.module(unit).weight, per_linear[unit], unit, missing[unit], database)
+                compress = _quantize_unit if isinstance(comp, QuantizationSpace) else _compress_unit
+                compress(comp, arch.module(unit).weight, per_linear[unit], unit, missing[unit], database)
         inputs.hidden = outputs
     database.save_stats()
 
@@ -163,6 +166,39 @@ def _compress_unit(comp: SparsitySpace, weight: torch.Tensor, hessian: Hessian, 
         pruned = {k: magnitude_prune(weight, s, nm) for k, (s, nm) in levels.items()}
     for key, value in pruned.items():
         database.put(unit, key, {f"{unit}.weight": value.to(weight.dtype)})
+
+
+def _quantize_unit(comp: QuantizationSpace, weight: torch.Tensor, hessian: Hessian, unit: str, keys: list[str],
+                   database: Database) -> None:
+    """Every missing level of one linear layer: pruned first (joint levels), then quantised at
+    each bit-width, with the pruned weights kept at zero; GPTQ is set up once per pruned weight."""
+    by_zeros = defaultdict(list)  # zeros -> [(key, bits)]
+    for key in keys:
+        zeros, bits = parse_quant_key(key)
+        by_zeros[zeros].append((key, bits))
+    pruned = {0: weight}
+    if sparse := sorted(by_zeros.keys() - {0}):
+        pruned |= _prune(comp, weight, hessian, sparse)
+    for zeros, levels in by_zeros.items():
+        W = pruned[zeros]
+        keep = W != 0 if zeros else None  # the pruning mask
+        gptq = GPTQ(W, hessian.H, act_order=comp.act_order) if comp.method == "gptq" else None
+        for key, bits in levels:
+            # Round-to-nearest maps a zero to the zero point, so it keeps zeros with no mask.
+            q = gptq.quantize(comp.format(bits), keep) if gptq else rtn_quantize(W, comp.format(bits))
+            database.put(unit, key, {f"{unit}.weight": q.dequantize()})
+
+
+def _prune(comp: SparsityQuantSpace, weight: torch.Tensor, hessian: Hessian, zeros: list[int]) -> dict[int, torch.Tensor]:
+    """The layer pruned to each number of zeros, by the joint space's pruning method."""
+    sparsities = [z / weight.numel() for z in zeros]
+    if comp.pruning == "sparsegpt":
+        pruned = SparseGPT(weight, hessian.H).prune_levels(sparsities)
+    elif comp.pruning == "wanda":
+        pruned = [wanda_prune(weight, hessian.column_norms(), s) for s in sparsities]
+    else:
+        pruned = [magnitude_prune(weight, s) for s in sparsities]
+    return dict(zip(zeros, pruned))
 
 
 def _outlier_ratio(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

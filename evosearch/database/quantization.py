@@ -17,10 +17,28 @@ Grids (as in the GPTQ reference quantiser):
 * symmetric: ``zero = 2^(bits-1)`` and ``scale = 2 * max|w| / (2^bits - 1)``, the full
   range of codes (-2^(bits-1) .. 2^(bits-1) - 1 around the zero), which is what GPTQ
   kernels with ``sym=True`` expect.
+
+Storage (``packed_bytes``) is counted here, once, for the search's budgets and for
+export, which must write exactly that many bytes:
+
+* dense layout: the codes of all weights, ``bits`` each, packed row by row
+  (``rows * ceil(cols * bits / 8)`` bytes); per row and group one float16 scale
+  (2 bytes) and, for the asymmetric grid only, one zero point packed at ``bits`` bits
+  (``rows * ceil(groups * bits / 8)`` bytes); the symmetric zero is implied.
+* sparse layout (for a weight with zeros, e.g. pruned then quantised): a bitmask of
+  the non-zero weights (``rows * ceil(cols / 8)`` bytes) and the codes of the
+  non-zeros only, packed in row-major order (``ceil(nonzeros * bits / 8)`` bytes; a
+  reader finds a row's codes by counting the bits of the mask before it), plus the
+  same scales and zeros as the dense layout.
+
+A sparse weight is stored in whichever layout is smaller; per weight, the bitmask
+pays off when sparsity x bits > 1. The database keeps float32 scales; a float16 scale
+moves a dequantised weight by at most 2^-11 of its value.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +64,10 @@ class QuantFormat:
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    def groups(self, columns: int) -> int:
+        """Groups per row."""
+        return 1 if self.group_size is None else -(-columns // self.group_size)
+
     def group_index(self, columns: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Group of every input column, shape (columns,)."""
         c = torch.arange(columns, device=device)
@@ -66,6 +88,34 @@ class QuantizedWeight:
         g = self.fmt.group_index(self.codes.shape[1], self.codes.device)
         W = self.scales[:, g] * (self.codes.float() - self.zeros[:, g].float())
         return W.to(self.dtype)
+
+
+SCALE_BYTES = 2  # float16 scales, as GPTQ/Marlin-style kernels read them
+
+
+def packed_bytes(shape: tuple[int, int], fmt: QuantFormat, nonzeros: int | None = None) -> int:
+    """Bytes of a (rows, cols) weight in ``fmt``: the dense layout, or with ``nonzeros``
+    given, the smaller of the dense and the sparse layout (see the module docstring)."""
+    rows, cols = shape
+    groups = fmt.groups(cols)
+    grids = rows * groups * SCALE_BYTES + (0 if fmt.symmetric else rows * math.ceil(groups * fmt.bits / 8))
+    dense = rows * math.ceil(cols * fmt.bits / 8)
+    if nonzeros is None:
+        return dense + grids
+    sparse = rows * math.ceil(cols / 8) + math.ceil(nonzeros * fmt.bits / 8)
+    return min(dense, sparse) + grids
+
+
+def distinct_per_group(W: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Number of distinct values in each row's groups of ``group_size`` input columns,
+    shape (rows, groups): at most 2^bits for any weight that ``fmt`` represents."""
+    rows, cols = W.shape
+    size = cols if group_size is None else group_size
+    groups = -(-cols // size)
+    # Pad the short last group with copies of its last value: no new distinct values.
+    padded = torch.cat([W, W[:, -1:].expand(rows, groups * size - cols)], dim=1)
+    ordered = padded.reshape(rows, groups, size).sort(dim=2).values
+    return (ordered[:, :, 1:] != ordered[:, :, :-1]).sum(dim=2) + 1
 
 
 def _fit_grid(xmin: torch.Tensor, xmax: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +169,11 @@ class GPTQ:
     act_order the grids are fitted on the original W before the sweep ("static
     groups" in the reference), so that groups stay contiguous in the original column
     order, which is the layout export packs.
+
+    Fixed sparsity (``keep``): quantising a pruned weight, the pruned weights are
+    rounded to exactly 0 (code = zero point) whatever the updates made of them, and
+    their error is spread like any rounding error, as in SparseGPT's joint
+    sparsification and quantisation; grids are fitted on the kept weights only.
     """
 
     def __init__(
@@ -133,9 +188,12 @@ class GPTQ:
         self.Hinv = damped_inverse_cholesky(H, damp)
         self.block_size = block_size
 
-    def quantize(self, fmt: QuantFormat) -> QuantizedWeight:
+    def quantize(self, fmt: QuantFormat, keep: torch.Tensor | None = None) -> QuantizedWeight:
+        """The sweep in ``fmt``; ``keep`` (bool, W's shape): the weights allowed to be non-zero."""
         W, Hinv = self.W.clone(), self.Hinv
         rows, cols = W.shape
+        if keep is not None:
+            keep = keep.to(W.device) if self.perm is None else keep.to(W.device)[:, self.perm]
         g = fmt.group_index(cols, W.device)
         col_group = (g if self.perm is None else g[self.perm]).tolist()  # group of each swept column
         static = self.perm is not None or fmt.group_size is None
@@ -144,8 +202,9 @@ class GPTQ:
         if static:
             idx = torch.as_tensor(col_group, device=W.device).expand_as(W)
             empty = torch.zeros_like(scales)
+            kept = W if keep is None else W * keep
             scales, zeros = _fit_grid(
-                empty.scatter_reduce(1, idx, W, "amin"), empty.scatter_reduce(1, idx, W, "amax"), fmt
+                empty.scatter_reduce(1, idx, kept, "amin"), empty.scatter_reduce(1, idx, kept, "amax"), fmt
             )
             bs = self.block_size
         else:
@@ -161,9 +220,13 @@ class GPTQ:
                 j = col_group[i1 + i]
                 if not static and (i1 + i) % fmt.group_size == 0:
                     group = W1[:, i : i + fmt.group_size]
+                    if keep is not None:
+                        group = group * keep[:, i1 + i : i1 + i + fmt.group_size]
                     scales[:, j], zeros[:, j] = _fit_grid(group.amin(dim=1), group.amax(dim=1), fmt)
                 w = W1[:, i]
                 c = _codes(w, scales[:, j], zeros[:, j], fmt.maxq)
+                if keep is not None:
+                    c = torch.where(keep[:, i1 + i], c, zeros[:, j])
                 q = scales[:, j] * (c - zeros[:, j])
                 err = (w - q) / Hinv1[i, i]
                 W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])

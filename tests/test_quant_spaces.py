@@ -1,0 +1,270 @@
+"""Bit-width and joint sparsity x bit-width spaces: levels, database entries, swaps, budgets."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from evosearch.candidate import CandidateModel
+from evosearch.compression import CompressionSpace, parse_quant_key
+from evosearch.database.build import build_database
+from evosearch.database.hessian import Hessian, layer_error
+from evosearch.database.quantization import (GPTQ, QuantFormat, distinct_per_group, packed_bytes,
+                                             rtn_quantize)
+from evosearch.database.sparsity import magnitude_prune
+from evosearch.database.store import Database
+from evosearch.engine import search
+from evosearch.errors import EvosearchError
+from evosearch.evaluate import Teacher
+from evosearch.fitness import KLFitness
+from evosearch.pipeline import SearchSettings, _open_database, measured_usage, quantized_usage
+from evosearch.units import architecture
+from layer_data import layer  # noqa: F401 (fixture)
+
+
+def sequences(n=4, length=32, seed=0):
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def space(name: str = "quant", **compression) -> CompressionSpace:
+    """A ready space with some compression fields replaced (and validated)."""
+    spec = CompressionSpace.load(name).model_dump()
+    return CompressionSpace.model_validate(spec | {"compression": spec["compression"] | compression})
+
+
+def block0_hessian(model, arch, name, ids, batch_size=2) -> Hessian:
+    """The Hessian the database builder sees for a block-0 layer (same batches, same order)."""
+    h = Hessian(arch.module(name).in_features)
+    hook = arch.module(name).register_forward_pre_hook(lambda _, args: h.add_batch(args[0]))
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            model(ids[start:start + batch_size])
+    hook.remove()
+    return h
+
+
+def test_packed_bytes_by_hand():
+    asym, sym = QuantFormat(3, 128), QuantFormat(3, 128, symmetric=True)
+    # 576 x 1536 at 3 bits: codes 576 * 576 bytes, 12 groups per row: 2-byte scales, 3-bit zeros (5 bytes a row)
+    assert packed_bytes((576, 1536), asym) == 576 * 576 + 576 * 12 * 2 + 576 * 5
+    assert packed_bytes((576, 1536), sym) == 576 * 576 + 576 * 12 * 2
+    half = 576 * 1536 // 2
+    # half zero: bitmask (1 bit a weight) + 3-bit non-zeros beat 3 bits for every weight
+    assert packed_bytes((576, 1536), asym, half) == 576 * 192 + half * 3 // 8 + 576 * 12 * 2 + 576 * 5
+    # 20% zero at 3 bits: the bitmask costs more than it saves, so the dense layout is kept
+    assert packed_bytes((576, 1536), asym, int(0.8 * 576 * 1536)) == packed_bytes((576, 1536), asym)
+    # a ragged last group and one group per row
+    assert packed_bytes((3, 10), QuantFormat(3, 4)) == 3 * 4 + 3 * 3 * 2 + 3 * 2
+    assert packed_bytes((3, 10), QuantFormat(8, None)) == 3 * 10 + 3 * 2 + 3
+
+
+def test_distinct_per_group_counts_values_in_each_group():
+    W = torch.tensor([[1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 0.0, 4.0], [5.0, 6.0, 7.0, 8.0, 9.0, 9.0, 9.0, 9.0]])
+    assert distinct_per_group(W, 3).tolist() == [[2, 1, 2], [3, 2, 1]]  # the last group is short
+    assert distinct_per_group(W, None).tolist() == [[5], [5]]
+
+
+def test_quant_levels_groups_and_budget(llama):
+    problem = CompressionSpace.load("quant").materialize(architecture(llama), 3.5)
+    sp, budget = problem.space, problem.budget
+    assert budget.label == "max_average bits" and budget.target == 3.5
+    unit = sp.units[0]
+    assert unit.levels == [6, 5, 4, 3, 2] and problem.keys[unit.name] == [f"bits={b}" for b in unit.levels]
+    assert {u.group for u in sp.units} == {"64x64", "32x64", "128x64", "64x128"}
+    fmt = problem.spec.compression.format(3)
+    assert unit.resources["bytes"][3] == packed_bytes((64, 64), fmt)
+    assert unit.resources["fp16_fraction"][3] == packed_bytes((64, 64), fmt) / (2 * 64 * 64)
+    # a level switch within a group of equal shapes keeps the average bits exactly
+    three = {u.name: 3 for u in sp.units}
+    a, b = [u.name for u in sp.units if u.group == "128x64"][:2]
+    assert budget.usage(sp, dict(three, **{a: 4, b: 2})) == budget.usage(sp, three) == 3.0
+    with pytest.raises(EvosearchError, match=r"--budget 1.5 is out of reach: .* bits .* \[2, 6\]"):
+        CompressionSpace.load("quant").materialize(architecture(llama), 1.5)
+
+
+def test_joint_levels_drop_pairs_whose_bitmask_saves_nothing(llama):
+    problem = space("sparsity-quant", sparsity=[0.0, 0.25, 0.5], bits=[3, 4, 8]).materialize(architecture(llama), 0.2)
+    unit = problem.space.units[0]
+    # 25% at 3 or 4 bits: a bitmask (1 bit) costs at least the 0.75 or 1 bit it saves
+    assert set(unit.levels) == {"0%@3bit", "0%@4bit", "0%@8bit", "25%@8bit", "50%@3bit", "50%@4bit", "50%@8bit"}
+    fractions = unit.resources["fp16_fraction"]
+    assert fractions == sorted(fractions, reverse=True)  # most bytes first
+    i, half = unit.levels.index("50%@4bit"), 64 * 64 // 2
+    assert problem.keys[unit.name][i] == f"zeros={half},bits=4"
+    assert parse_quant_key(problem.keys[unit.name][i]) == (half, 4)
+    assert unit.resources["bytes"][i] == packed_bytes((64, 64), QuantFormat(4, 128), half)
+    assert problem.budget.label == "max_average fp16_fraction"
+
+
+@pytest.mark.parametrize("fixture, compression", [
+    ("llama", {"method": "rtn", "group_size": 16, "bits": [2, 3, 8]}),
+    ("llama", {"method": "gptq", "group_size": 16, "bits": [2, 3, 8]}),
+    ("opt", {"method": "gptq", "group_size": None, "symmetric": True, "act_order": True, "bits": [3, 4]}),
+])
+def test_quant_database_levels_are_exact_and_swaps_are_reversible(request, fixture, compression):
+    model = request.getfixturevalue(fixture)
+    arch = architecture(model)
+    spec = space("quant", **compression)
+    comp = spec.compression
+    problem = spec.materialize(arch, 3)
+    database = Database()
+    ids = sequences()
+    build_database(model, arch, problem, database, ids, batch_size=2, progress=False)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    candidate = CandidateModel(model, arch, problem, database)
+    first = problem.space.units[0].name
+    H = block0_hessian(model, arch, first, ids).H
+    for bits in comp.bits:
+        level = {u.name: bits for u in problem.space.units}
+        candidate.apply(level)
+        for unit in problem.space.units:
+            most = distinct_per_group(arch.module(unit.name).weight, comp.group_size)
+            assert int(most.max()) <= 2**bits
+        W, W_hat = dense[f"{first}.weight"], arch.module(first).weight
+        if comp.method == "rtn":
+            expected = rtn_quantize(W, comp.format(bits))
+        else:  # the database holds exactly what the layer-wise algorithm makes of the builder's Hessian
+            expected = GPTQ(W, H, act_order=comp.act_order).quantize(comp.format(bits))
+        assert torch.equal(W_hat, expected.dequantize())
+        assert quantized_usage(arch, problem, candidate.current)["bits"] == bits
+    candidate.restore()
+    assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())  # bit-identical
+
+
+def test_measured_usage_checks_the_weights_against_the_applied_format(llama):
+    arch = architecture(llama)
+    problem = space("quant", method="rtn", group_size=16, bits=[2, 4, 8]).materialize(arch, 4)
+    database = Database()
+    build_database(llama, arch, problem, database, sequences(), batch_size=2, progress=False)
+    candidate = CandidateModel(llama, arch, problem, database)
+    units = problem.space.units
+    mixed = {u.name: (8 if i % 3 == 0 else 2 if i % 3 == 1 else 4) for i, u in enumerate(units)}
+    if problem.budget.usage(problem.space, mixed) > 4:
+        mixed = {u.name: 4 for u in units}
+    candidate.apply(mixed)
+    counted = quantized_usage(arch, problem, candidate.current)
+    assert counted["bits"] == pytest.approx(problem.budget.usage(problem.space, mixed), abs=1e-12)
+    assert counted["bytes"] == sum(u.resources["bytes"][u.levels.index(mixed[u.name])] for u in units)
+    assert measured_usage(llama, arch, problem, candidate.current) == counted["bits"]
+    lie = dict(candidate.current, **{units[0].name: "bits=2"})  # the layer holds 8 bits
+    candidate.apply({**mixed, units[0].name: 8})
+    with pytest.raises(RuntimeError, match="distinct values in one group: not the applied 2-bit format"):
+        quantized_usage(arch, problem, lie)
+
+
+def test_gptq_with_a_fixed_mask_keeps_zeros_and_beats_rounding_the_pruned_weight(layer):
+    W, h, _ = layer
+    pruned = magnitude_prune(W, 0.5)
+    keep = pruned != 0
+    fmt = QuantFormat(4, 64)
+    for act_order in (False, True):
+        gptq = GPTQ(pruned, h.H, act_order=act_order)
+        q = gptq.quantize(fmt, keep).dequantize()
+        assert (q[~keep] == 0).all()
+        assert (gptq.quantize(fmt).dequantize()[~keep] != 0).any()  # unmasked, GPTQ's updates revive pruned weights
+        assert int(distinct_per_group(q, 64).max()) <= 16
+        # the quantisation step's own error, on the pruned layer's outputs
+        assert layer_error(pruned, q, h.H) < 0.5 * layer_error(pruned, rtn_quantize(pruned, fmt).dequantize(), h.H)
+
+
+@pytest.mark.parametrize("pruning, method", [("magnitude", "gptq"), ("sparsegpt", "gptq"), ("wanda", "rtn")])
+def test_joint_database_keeps_the_zeros(llama, pruning, method):
+    arch = architecture(llama)
+    spec = space("sparsity-quant", pruning=pruning, method=method, sparsity=[0.0, 0.5], bits=[3, 8], group_size=16)
+    problem = spec.materialize(arch, 0.3)
+    database = Database()
+    build_database(llama, arch, problem, database, sequences(), batch_size=2, progress=False)
+    dense = {k: v.clone() for k, v in llama.state_dict().items()}
+    candidate = CandidateModel(llama, arch, problem, database)
+    for level in problem.space.units[0].levels:
+        candidate.apply({u.name: level for u in problem.space.units})
+        for unit in problem.space.units:
+            zeros, bits = parse_quant_key(problem.key(unit.name, level))
+            W_hat = arch.module(unit.name).weight
+            assert int((W_hat == 0).sum()) >= zeros
+            assert int(distinct_per_group(W_hat, 16).max()) <= 2**bits
+            if pruning == "magnitude" and zeros:  # the mask is known without the Hessian
+                assert (W_hat[magnitude_prune(dense[f"{unit.name}.weight"], 0.5) == 0] == 0).all()
+        counted = quantized_usage(arch, problem, candidate.current)
+        planned = problem.space.usage({u.name: level for u in problem.space.units}, problem.budget)
+        assert counted["fp16_fraction"] <= planned + 1e-12  # rounding may zero more weights, never fewer
+    candidate.restore()
+    assert all(torch.equal(dense[k], v) for k, v in llama.state_dict().items())
+
+
+def test_evopress_in_the_joint_space_spends_the_byte_budget(llama):
+    # Level switches here change bytes unevenly: EvoPress drops children over the budget
+    # and keeps those under it. With a fitness that falls with bytes at unit-specific
+    # rates (so the best allocation is not uniform), the search must end at the budget.
+    problem = space("sparsity-quant", sparsity=[0.0, 0.5], bits=[2, 3, 4, 8]).materialize(architecture(llama), 0.2)
+    sp, budget = problem.space, problem.budget
+    sensitivity = np.random.default_rng(0).uniform(0.1, 10, len(sp.units))
+
+    def fitness(assignment):
+        return float(sum(s * np.exp(-20 * u.resources["fp16_fraction"][u.levels.index(assignment[u.name])])
+                         for s, u in zip(sensitivity, sp.units)))
+
+    result = search(sp, fitness, budget, sampler="evopress", seed=0, progress=False,
+                    sampler_options={"offspring": 16, "generations": 60})
+    uniform = search(sp, fitness, budget, sampler="uniform", progress=False)
+    used = budget.usage(sp, result.best.assignment)
+    share = max(u.size for u in sp.units) / sum(u.size for u in sp.units)
+    assert 0.2 - 0.1 * share < used <= 0.2 + 1e-12  # within a tenth of a level step of the largest layer
+    assert result.best.value < 0.9 * uniform.best.value
+
+
+def test_ready_quant_spaces_load_and_validate(tmp_path):
+    assert CompressionSpace.load("quant").compression.group_size >= 64  # see spaces/quant.yaml on GGUF grids
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"compression": {"kind": "quantization", "bits": [1, 4]},
+                                   "budget": {"resource": "bits", "form": "max_average"}}))
+    with pytest.raises(EvosearchError, match="compression.quantization.bits: .*from 2 to 8"):
+        CompressionSpace.load(bad)
+    bad.write_text(json.dumps({"compression": {"kind": "sparsity-quant", "sparsity": [0.5, 1.0]},
+                               "budget": {"resource": "fp16_fraction", "form": "max_average"}}))
+    with pytest.raises(EvosearchError, match=r"sparsity must be distinct fractions in \[0, 1\)"):
+        CompressionSpace.load(bad)
+
+
+def test_database_identity_holds_the_format(tmp_path, llama):
+    arch = architecture(llama)
+    corpus = SimpleNamespace(calibration=np.arange(10))
+    settings = SearchSettings(space="quant", budget=3, database=str(tmp_path))
+    _open_database(settings, space("quant").materialize(arch, 3), "model", corpus)
+    _open_database(settings, space("quant", bits=[2, 3]).materialize(arch, 3), "model", corpus)  # keys hold bits
+    for change in ({"group_size": 64}, {"symmetric": True}, {"act_order": True}, {"method": "rtn"}):
+        with pytest.raises(EvosearchError, match="built for another model, method or calibration"):
+            _open_database(settings, space("quant", **change).materialize(arch, 3), "model", corpus)
+    joint = SearchSettings(space="sparsity-quant", budget=0.3, database=str(tmp_path / "joint"))
+    _open_database(joint, space("sparsity-quant").materialize(arch, 0.3), "model", corpus)
+    _open_database(joint, space("sparsity-quant", sparsity=[0.0, 0.7]).materialize(arch, 0.3), "model", corpus)
+    with pytest.raises(EvosearchError, match="built for another model, method or calibration"):
+        _open_database(joint, space("sparsity-quant", pruning="wanda").materialize(arch, 0.3), "model", corpus)
+
+
+@pytest.mark.real
+def test_quant_search_end_to_end_on_the_packaged_model(real, tmp_path, capsys):
+    from evosearch.cli import main
+
+    spec = tmp_path / "quant.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "quant-rtn", "compression": {"kind": "quantization", "method": "rtn", "bits": [3, 4], "group_size": 128},
+        "budget": {"resource": "bits", "form": "max_average"}, "baselines": ["uniform"]}))
+    out = tmp_path / "out"
+    assert main(["search", str(spec), "--budget", "3.5", "--generations", "1", "--offspring", "2",
+                 "--calibration-sequences", "2", "--sequence-length", "64", "--fidelities", "128",
+                 "--eval-tokens", "1024", "--database", str(tmp_path / "db"), "--out", str(out)]) == 0
+    assert "bits per weight on average" in capsys.readouterr().out
+    report = json.loads((out / "result.json").read_text())
+    budget, uniform = report["budget"], report["baselines"]["uniform"]
+    assert budget["label"] == "max_average bits"
+    assert budget["measured"] == pytest.approx(budget["planned"])
+    assert 3.45 < budget["planned"] <= 3.5  # the closest mix under 3.5
+    assert set(report["assignment"].values()) == {3, 4}
+    assert uniform["usage"] == pytest.approx(budget["planned"])  # EvoPress switches keep the start's bits
+    assert report["fitness"]["kl"] <= uniform["kl"]  # the search starts from the uniform mix and keeps the best
+    assert report["perplexity"]["compressed"] > report["perplexity"]["dense"]
+    assert report["quantization"]["fp16_fraction"] == pytest.approx(report["quantization"]["bytes"] / (2 * 106168320))
