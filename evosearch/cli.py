@@ -56,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_units)
 
     p = commands.add_parser("search", help="search the best compression of a model under a budget")
-    p.add_argument("space", help="a ready space (sparsity, sparsity-2of4, drop) or a space YAML file")
+    p.add_argument("space",
+                   help="a ready space (sparsity, sparsity-2of4, drop, width, drop-width) or a space YAML file")
     p.add_argument("--budget", type=float, required=True,
-                   help="the space's budget, e.g. 0.5 average sparsity or 0.25 of blocks dropped")
+                   help="the space's budget, e.g. 0.5 average sparsity, 0.25 of blocks dropped, 0.8 of parameters kept")
     _model_arguments(p)
     _corpus_arguments(p)
     p.add_argument("--sampler", default="evopress",
@@ -203,6 +204,9 @@ def print_report(report: dict) -> None:
         (f"KL to dense ({report['fitness']['tokens']} tokens)",
          [0.0, *(b["kl"] for b in baselines.values()), report["fitness"]["kl"]], ".4f"),
     ]
+    if "reformation" in report:  # sub-networks: the numbers above are after reformation
+        rows.insert(1, ("perplexity before reformation", [ppl["dense"], *(b["reformation"]["perplexity_before"]
+                        for b in baselines.values()), report["reformation"]["perplexity_before"]], ".3f"))
     width = max(len(r[0]) for r in rows + [(f"{budget['label']} (target {budget['value']:g})",)])
     print(f"\n{report['space']['name']} search with {report['search']['sampler']}: "
           f"{report['search']['evaluations']} evaluations in {report['search']['seconds']:.0f} s "

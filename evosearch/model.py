@@ -68,10 +68,14 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype | N
     """Load ``(model, tokenizer)`` for inference: eval mode, no gradients, on ``device``.
 
     ``source`` is a local Hugging Face directory, a GGUF file, or a packaged model alias;
-    ``None`` means the packaged default (SmolLM2-135M-Instruct).
+    ``None`` means the packaged default (SmolLM2-135M-Instruct). Sub-networks exported by
+    evosearch load with evosearch's own modeling code (no ``trust_remote_code``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from evosearch.subnetwork import register_subnetwork_classes
+
+    register_subnetwork_classes()
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(source)

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from evosearch import __version__, assets
+from evosearch import __version__, assets, subnetwork
 from evosearch.candidate import CandidateModel
-from evosearch.compression import CompressionSpace, SearchProblem
+from evosearch.compression import CompressionSpace, SearchProblem, WidthSpace
 from evosearch.data import load_corpus
 from evosearch.database.build import build_database
 from evosearch.database.store import Database
@@ -118,6 +118,8 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     sampler_options = dict(spec.sampler) | settings.sampler_options
     if settings.generations is not None and settings.sampler == "evopress":
         sampler_options["generations"] = settings.generations
+    if problem.starts and settings.sampler == "evopress":
+        sampler_options.setdefault("starts", problem.starts)
     _register_heuristics(problem, database)
     result = search(problem.space, fitness, problem.budget, sampler=settings.sampler, n_trials=settings.trials,
                     seed=settings.seed, storage=settings.storage or f"sqlite:///{(out / 'study.db').resolve()}",
@@ -125,18 +127,33 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
                     sampler_options=sampler_options, progress=progress)
     clock.lap("search")
 
+    width = isinstance(spec.compression, WidthSpace)
+    if width:  # from here on a sub-network is its masks, then their reformation
+        candidate.reformed_levels = False
+        candidate.mark_changed(problem.model_units)
     baselines = {}
     for name in spec.baselines if settings.baselines is None else settings.baselines:
         baselines[name] = _evaluate_baseline(name, problem, fitness, candidate, eval_windows, tokenizer, progress)
+        if width:
+            baselines[name] |= _reform_and_evaluate(baselines[name], problem, candidate, teacher, calibration,
+                                                    eval_windows, tokenizer, progress)
     clock.lap("baselines")
 
     best = result.best.assignment
     candidate.apply(best)
     final_kl = teacher.kl(model)
     compressed = perplexity(model, eval_windows, tokenizer=tokenizer, progress=progress)
+    evaluated = {"kl": final_kl, "perplexity": compressed.perplexity}
+    if width:
+        evaluated |= _reform_and_evaluate(evaluated, problem, candidate, teacher, calibration, eval_windows,
+                                          tokenizer, progress)
     clock.lap("evaluate")
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    architecture_out = None
+    if width and model.config.model_type in subnetwork.EXPORTABLE:
+        architecture_out = subnetwork.export_subnetwork(model, arch, out / "model", tokenizer)
+    else:
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
     report = {
         "settings": settings.model_dump(),
         "space": {"name": spec.name, "description": spec.description, "units": len(problem.space.units)},
@@ -144,9 +161,9 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
                    "planned": problem.budget.usage(problem.space, best),
                    "measured": measured_usage(model, arch, problem)},
         "assignment": best,
-        "fitness": {"kl": final_kl, "tokens": teacher.max_tokens, "search_value": result.best.value},
+        "fitness": {"kl": evaluated["kl"], "tokens": teacher.max_tokens, "search_value": result.best.value},
         "perplexity": {"corpus": corpus.name, "tokens": compressed.tokens, "dense": dense_ppl,
-                       "compressed": compressed.perplexity},
+                       "compressed": evaluated["perplexity"]},
         "baselines": baselines,
         "parameters": {"dense": sum(u.params for u in problem.model_units.values()),
                        "kept": kept_parameters(model, arch, problem)},
@@ -155,6 +172,10 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         "timings": clock.times,
         "versions": versions(),
     }
+    if width:
+        report["reformation"] = evaluated["reformation"]
+    if architecture_out is not None:
+        report["architecture"] = architecture_out
     (out / "result.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -182,12 +203,36 @@ def _evaluate_baseline(name: str, problem: SearchProblem, fitness: KLFitness, ca
             "assignment": result.best.assignment}
 
 
+def _reform_and_evaluate(evaluated: dict, problem: SearchProblem, candidate: CandidateModel, teacher: Teacher,
+                         calibration: torch.Tensor, eval_windows: torch.Tensor, tokenizer, progress: bool) -> dict:
+    """Reform the sub-network in place (``evaluated`` holds its masked kl and perplexity) and measure
+    it again: the kl and perplexity after reformation, and a ``reformation`` record of both."""
+    model, arch = candidate.model, candidate.arch
+    reformation = problem.spec.compression.reform
+    started = time.perf_counter()
+    record = subnetwork.reform_subnetwork(model, arch, list(problem.model_units.values()), candidate.dense,
+                                          calibration, reformation, progress=progress)
+    candidate.mark_changed(problem.model_units)
+    seconds = time.perf_counter() - started
+    kl = teacher.kl(model)
+    ppl = perplexity(model, eval_windows, tokenizer=tokenizer, progress=progress).perplexity
+    record |= reformation.model_dump() | {"kl_before": evaluated["kl"], "kl_after": kl,
+                                          "perplexity_before": evaluated["perplexity"], "perplexity_after": ppl,
+                                          "seconds": round(seconds, 1)}
+    return {"kl": kl, "perplexity": ppl, "reformation": record}
+
+
 def _open_database(settings: SearchSettings, problem: SearchProblem, fingerprint: str, corpus) -> Database:
     comp = problem.spec.compression
     identity = {"model": fingerprint, "compression": comp.kind, "method": getattr(comp, "method", None),
                 "corpus": hashlib.sha256(corpus.calibration.tobytes()).hexdigest()[:16],
                 "sequences": settings.calibration_sequences, "length": settings.sequence_length,
                 "seed": settings.seed, "dtype": str(settings.dtype)}
+    stored_reform = getattr(comp, "reform", None)
+    if isinstance(comp, WidthSpace) and comp.fitness == "masked":
+        stored_reform = None  # such a database holds importance orders only, which reformation does not change
+    if stored_reform is not None:  # reformed entries differ from plain ones; other databases keep their key
+        identity["reform"] = stored_reform.model_dump()
     root = Path(settings.database) if settings.database else (
         assets.cache_dir() / "databases" / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16])
     return Database(root, identity=identity)
@@ -213,6 +258,9 @@ def measured_usage(model, arch, problem: SearchProblem) -> float:
         return zeros / sum(arch.module(u).weight.numel() for u in problem.model_units)
     if resource == "dropped":
         return float(sum(is_dropped(arch, mu) for mu in problem.model_units.values()))
+    if resource == "kept":
+        units = list(problem.model_units.values())
+        return subnetwork.kept_parameters(arch, units) / sum(mu.params for mu in units)
     raise EvosearchError(f"no way to count {resource!r} from weights")
 
 
@@ -224,7 +272,10 @@ def is_dropped(arch, mu) -> bool:
 
 
 def kept_parameters(model, arch, problem: SearchProblem) -> int:
-    """Non-zero parameters left in the searched units (a dropped block keeps none)."""
+    """Non-zero parameters left in the searched units (a dropped block keeps none); for a
+    sub-network, the parameters of its kept heads and channels (what export keeps)."""
+    if isinstance(problem.spec.compression, WidthSpace):
+        return subnetwork.kept_parameters(arch, list(problem.model_units.values()))
     total = 0
     for mu in problem.model_units.values():
         if mu.kind != "linear" and is_dropped(arch, mu):
