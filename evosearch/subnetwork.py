@@ -21,6 +21,16 @@ projection are zero. Only the columns matter to the output (a head whose o_proj 
 are zero adds nothing, whatever its q/k/v rows hold), so the widths of a model in
 memory are read from its output projections (``kept_groups``): that is what the budget
 is checked against and what export keeps.
+
+Export. transformers' Llama takes one head count and one MLP width for all blocks (and
+its ``per_layer_config`` is read only by model classes written for it), so an exported
+sub-network is a ``SubnetworkLlamaForCausalLM`` (``evosearch/modeling_subnetwork.py``,
+saved beside the weights): standard Llama modules built at each block's size.
+vLLM has no class for this either: its nearest, ``DeciLMForCausalLM`` (Nemotron-NAS
+``block_configs``), takes per-block KV-head counts, MLP sizes (``ffn.intermediate_size``)
+and removed (``no_op``) attention or MLP blocks, but one query-head count for all blocks,
+so it could serve a sub-network that pruned channels and dropped blocks but kept every
+head; one with pruned heads needs a vLLM model class like this file's.
 """
 
 from __future__ import annotations
