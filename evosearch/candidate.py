@@ -8,13 +8,19 @@ parameter storage never moves (CUDA graphs and compiled code stay valid).
 A dropped attention or MLP block has its output projection zeroed: the residual stream
 passes through unchanged, exactly as if the block were removed. The block still runs
 during the search; export removes it for real.
+
+A sub-network level (width spaces) zeroes the pruned groups' rows of the input
+projections and columns of the output projection, computed from the dense weights and
+the importance order stored in the database; with ``fitness: reformed`` the output
+projection comes from the database, rectified for that width.
 """
 
 from __future__ import annotations
 
 import torch
 
-from evosearch.compression import SearchProblem
+from evosearch import subnetwork
+from evosearch.compression import SearchProblem, WidthSpace
 from evosearch.database.store import Database
 from evosearch.units import Architecture
 
@@ -29,6 +35,10 @@ class CandidateModel:
         self.params = dict(model.named_parameters())
         self.current = {unit: "dense" for unit in problem.keys}
         self._resident: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # database entries on the device
+        self.width = isinstance(problem.spec.compression, WidthSpace)
+        # Width levels take their output projection from the database (rectified) or mask the dense one.
+        self.reformed_levels = self.width and problem.spec.compression.fitness == "reformed"
+        self._orders: dict[str, torch.Tensor] = {}
         self.dense: dict[str, torch.Tensor] = {}
         for unit in problem.keys:
             for name in self._touched(unit):
@@ -43,7 +53,8 @@ class CandidateModel:
             outputs = {"attention": [self.arch.attention_linears(mu.block)[1]],
                        "mlp": [self.arch.mlp_linears(mu.block)[1]],
                        "block": [self.arch.attention_linears(mu.block)[1], self.arch.mlp_linears(mu.block)[1]]}
-            linears = outputs[mu.kind] if "drop" in self.problem.keys[unit] else list(mu.linears)
+            dropping = "drop" in self.problem.keys[unit] and not self.width
+            linears = outputs[mu.kind] if dropping else list(mu.linears)
         return [f"{name}.{p}" for name in linears for p in ("weight", "bias") if f"{name}.{p}" in self.params]
 
     def tensors(self, unit: str, key: str) -> dict[str, torch.Tensor]:
@@ -52,13 +63,29 @@ class CandidateModel:
             return {name: self.dense[name] for name in self._touched(unit)}
         if key == "drop":
             return {name: torch.zeros_like(self.dense[name]) for name in self._touched(unit)}
+        if self.width:
+            return self._width_tensors(unit, key)
         if (unit, key) in self._resident:
             return self._resident[unit, key]
         return self.database.get(unit, key, device=self.device)
 
+    def _width_tensors(self, unit: str, key: str) -> dict[str, torch.Tensor]:
+        if unit not in self._orders:
+            self._orders[unit] = self.database.get(unit, "order", device=self.device)["order"]
+        lay = subnetwork.layout(self.arch, self.problem.model_units[unit])
+        kept = subnetwork.kept_by_order(self._orders[unit], int(key.split("=")[1]))
+        values = subnetwork.masked(lay, kept, {name: self.dense[name] for name in self._touched(unit)})
+        if self.reformed_levels:
+            values |= self.database.get(unit, key, device=self.device)
+        return values
+
     def preload(self, max_bytes: float | None = None) -> int:
         """Keep every database entry of the problem on the model's device, so a swap is one
-        device-to-device copy. Stops at ``max_bytes``; returns the bytes held."""
+        device-to-device copy. Stops at ``max_bytes``; returns the bytes held.
+
+        Width levels are masks of the dense weights kept here already, so they hold nothing."""
+        if self.width:
+            return 0
         held = sum(t.numel() * t.element_size() for entry in self._resident.values() for t in entry.values())
         for unit, keys in self.problem.keys.items():
             for key in keys:
@@ -85,6 +112,11 @@ class CandidateModel:
             self.current[unit] = key
             changed += 1
         return changed
+
+    def mark_changed(self, units) -> None:
+        """The weights of ``units`` were changed outside ``apply`` (reformed, say): copy them again next time."""
+        for unit in units:
+            self.current[unit] = "changed"
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -56,12 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_units)
 
     p = commands.add_parser("search", help="search the best compression of a model under a budget")
-    p.add_argument("space", help="a ready space (sparsity, sparsity-2of4, drop, quant, sparsity-quant) or a space "
-                                 "YAML file")
+    p.add_argument("space", help="a ready space (sparsity, sparsity-2of4, drop, quant, sparsity-quant, width, "
+                                 "drop-width) or a space YAML file")
     p.add_argument("--budget", required=True,
-                   help="the space's budget, e.g. 0.5 average sparsity, 0.25 of blocks dropped, 3.5 average bits or "
-                        "0.25 of the float16 bytes; or a whole-model limit: latency_ms=MS (per generated token), "
-                        "prefill_ms=MS (with --hardware), bytes=N")
+                   help="the space's budget, e.g. 0.5 average sparsity, 0.25 of blocks dropped, 3.5 average bits, "
+                        "0.25 of the float16 bytes or 0.8 of the parameters kept; or a whole-model limit: "
+                        "latency_ms=MS (per generated token), prefill_ms=MS (with --hardware), bytes=N")
     p.add_argument("--hardware", default=None, help="hardware table from `evosearch profile`, for latency budgets")
     _model_arguments(p)
     _corpus_arguments(p)
@@ -278,6 +278,9 @@ def print_report(report: dict) -> None:
         (f"KL to dense ({report['fitness']['tokens']} tokens)",
          [0.0, *(b["kl"] for b in baselines.values()), report["fitness"]["kl"]], ".4f"),
     ]
+    if "reformation" in report:  # sub-networks: the numbers above are after reformation
+        rows.insert(1, ("perplexity before reformation", [ppl["dense"], *(b["reformation"]["perplexity_before"]
+                        for b in baselines.values()), report["reformation"]["perplexity_before"]], ".3f"))
     width = max(len(r[0]) for r in rows + [(f"{budget['label']} (target {budget['value']:g})",)])
     print(f"\n{report['space']['name']} search with {report['search']['sampler']}: "
           f"{report['search']['evaluations']} evaluations in {report['search']['seconds']:.0f} s "

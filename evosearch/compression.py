@@ -2,7 +2,8 @@
 
 A ``CompressionSpace`` (a YAML file in ``spaces/`` or a Python object) says which units
 of a model are searched (linear layers, attention or MLP blocks), what their levels are
-(sparsities, bit-widths, keep/drop) and how they are built (SparseGPT, Wanda, GPTQ...).
+(sparsities, bit-widths, keep/drop, widths) and how they are built (SparseGPT, Wanda,
+GPTQ, importance-ordered sub-networks...).
 ``materialize`` turns it, for one model and one budget value, into the generic search
 problem: an ``evosearch.Space`` of named units with per-level resources, the ``Budget``,
 and for every (unit, level) the key under which the database stores its weights.
@@ -14,6 +15,7 @@ keeps the total number of zeros exactly where it is.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -53,12 +55,31 @@ class AroundTarget(_Spec):
 NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
 
+class Reformation(_Spec):
+    """Least-squares rectification of a pruned layer's kept weights from calibration data
+    (``evosearch.database.structured``): the paper's ADMM, or the exact closed form, which
+    exists when whole input columns are kept (heads, channels) and is what ADMM converges to."""
+
+    method: Literal["admm", "closed_form"] = "admm"
+    rho: float = Field(0.3, gt=0, description="ADMM penalty, relative to the inputs' energy")
+    iterations: int = Field(30, ge=1, description="ADMM iterations")
+    damp: float = Field(0.01, ge=0, description="ridge added to H's diagonal, times its mean")
+
+
 class SparsitySpace(_Spec):
     kind: Literal["sparsity"] = "sparsity"
     method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
     units: Literal["linear"] = "linear"
     levels: Union[AroundTarget, list[Union[float, str]]] = AroundTarget()
     max_sparsity: float = Field(0.95, gt=0, lt=1)
+    reform: Reformation | None = Field(None, description="rectify every pruned layer's kept weights after pruning")
+
+    @field_validator("reform")
+    @classmethod
+    def _check_reform(cls, reform):
+        if reform is not None and reform.method != "admm":
+            raise ValueError("unstructured masks keep a different support in every row; use method: admm")
+        return reform
 
     @field_validator("levels")
     @classmethod
@@ -145,6 +166,38 @@ class SparsityQuantSpace(QuantizationSpace):
         return sorted(sparsity)
 
 
+class WidthSpace(_Spec):
+    """Structured sub-networks ("Search for Efficient Large Language Models", Shen et al. 2024).
+
+    Per attention block, how many key/value-head groups it keeps (a group is one KV head
+    and the query heads that share it, so every sub-network is a plain GQA layer); per
+    MLP, how many channels, in steps of ``granularity``. Which groups and channels are
+    kept follows the paper's importance score (``evosearch.subnetwork``), so narrower
+    levels keep a subset of the wider ones. ``min_keep`` is the narrowest a block may
+    become; 0 adds the empty level, i.e. dropping the block (the drop x width space).
+
+    ``fitness`` says how candidates are scored during the search: ``masked`` (pruned
+    heads and channels zeroed, nothing rectified) or ``reformed`` (each level's output
+    projection rectified in closed form in the database). The chosen sub-network is
+    always rectified afterwards with ``reform``, block by block on the compressed
+    model's own inputs.
+    """
+
+    kind: Literal["width"] = "width"
+    units: list[Literal["attention", "mlp"]] = ["attention", "mlp"]
+    granularity: int = Field(64, ge=1, description="MLP channels per level step")
+    min_keep: float = Field(0.25, ge=0, lt=1, description="narrowest width, as a fraction of the block's")
+    fitness: Literal["masked", "reformed"] = "masked"
+    reform: Reformation = Reformation()
+
+    @field_validator("units")
+    @classmethod
+    def _check_units(cls, units):
+        if not units or len(set(units)) != len(units):
+            raise ValueError("list attention, mlp or both, once each")
+        return units
+
+
 class BudgetSpec(_Spec):
     """How ``--budget VALUE`` is read: the resource, and whether VALUE is an average or a fraction of units."""
 
@@ -156,7 +209,7 @@ class BudgetSpec(_Spec):
 class CompressionSpace(_Spec):
     name: str = ""
     description: str = ""
-    compression: Annotated[Union[SparsitySpace, DropSpace, QuantizationSpace, SparsityQuantSpace],
+    compression: Annotated[Union[SparsitySpace, DropSpace, QuantizationSpace, SparsityQuantSpace, WidthSpace],
                            Field(discriminator="kind")]
     budget: BudgetSpec
     sampler: dict = Field(default_factory=dict, description="default sampler options for this space")
@@ -190,6 +243,8 @@ class CompressionSpace(_Spec):
             return _sparsity_problem(self, self.compression, arch, budget_value)
         if isinstance(self.compression, QuantizationSpace):
             return _quantization_problem(self, self.compression, arch, budget_value)
+        if isinstance(self.compression, WidthSpace):
+            return _width_problem(self, self.compression, arch, budget_value)
         return _drop_problem(self, self.compression, arch, budget_value)
 
     def materialize_levels(self, arch: Architecture) -> "SearchProblem":
@@ -212,13 +267,14 @@ class SearchProblem:
     """A compression space made concrete for one model and one budget."""
 
     def __init__(self, spec: CompressionSpace, arch: Architecture, space: Space, budget: Budget,
-                 model_units: dict[str, ModelUnit], keys: dict[str, list[str]]):
+                 model_units: dict[str, ModelUnit], keys: dict[str, list[str]], starts: list[dict] | None = None):
         self.spec = spec
         self.arch = arch
         self.space = space
         self.budget = budget
         self.model_units = model_units  # unit name -> the model part it stands for
         self.keys = keys  # unit name -> database key per level ("dense", "drop", "zeros=123", "2:4" ...)
+        self.starts = starts or []  # assignments a search may start from besides the uniform one
 
     def key(self, unit: str, level) -> str:
         return self.keys[unit][self.space.unit(unit).levels.index(level)]
@@ -230,10 +286,11 @@ class SearchProblem:
             name: values[unit.name] for name, values in resources.items() if unit.name in values}})
             for unit in self.space.units]
         space = Space(units=units, name=self.space.name, description=self.space.description)
-        return SearchProblem(self.spec, self.arch, space, self.budget, self.model_units, self.keys)
+        return SearchProblem(self.spec, self.arch, space, self.budget, self.model_units, self.keys, self.starts)
 
     def with_budget(self, budget: Budget) -> "SearchProblem":
-        return SearchProblem(self.spec, self.arch, self.space, budget, self.model_units, self.keys)
+        starts = [start for start in self.starts if budget.is_met(self.space, start)]
+        return SearchProblem(self.spec, self.arch, self.space, budget, self.model_units, self.keys, starts)
 
 
 def _sparsity_problem(spec: CompressionSpace, comp: SparsitySpace, arch: Architecture, target: float) -> SearchProblem:
@@ -328,6 +385,93 @@ def _quantization_problem(spec: CompressionSpace, comp: QuantizationSpace, arch:
         raise EvosearchError(f"--budget {target} is out of reach: the {budget.form.split('_')[-1]} "
                              f"{budget.resource} of this space ranges over [{low:.4g}, {high:.4g}]")
     return SearchProblem(spec, arch, space, budget, {u.name: u for u in linears}, keys)
+
+
+def _width_problem(spec: CompressionSpace, comp: WidthSpace, arch: Architecture, target: float) -> SearchProblem:
+    """Per block one unit per kind, its levels the widths in steps; level 0 is the uniform width.
+
+    A level is the number of steps (one KV group, or ``granularity`` channels) by which a
+    block is narrower than its uniform width, as EvoPress names sparsity levels by their
+    step from the target: all units at level 0 is the uniform sub-network, and a level
+    switch between two blocks of one kind keeps the parameter count exactly. The uniform
+    width keeps the budget's fraction of the KV groups and of the MLP channels, each
+    rounded to whole steps and spread evenly over the blocks (widths differ by at most one
+    step between blocks); the budget is met to within half a step of the last kind.
+
+    Switches never trade attention for MLP (their steps differ in size), so the problem
+    also offers ``starts``: uniform widths whose attention keeps a larger or smaller
+    fraction than the budget's, the MLP filling the rest. EvoPress starts from the best
+    of them, so the split between attention and MLP is searched too.
+    """
+    from evosearch.subnetwork import layout, unit_parameters
+
+    if (spec.budget.resource, spec.budget.form) != ("kept", "average"):
+        raise EvosearchError("a width space's budget is {resource: kept, form: average}: --budget is the fraction "
+                             "of the searched blocks' parameters kept")
+    model_units = arch.units(tuple(comp.units))
+    members = {kind: [u for u in model_units if u.kind == kind] for kind in comp.units}
+    kinds = {}  # kind -> (step in groups, steps in a full block, fewest steps allowed)
+    for kind in comp.units:
+        groups = layout(arch, members[kind][0]).groups
+        step = 1 if kind == "attention" else comp.granularity
+        if groups % step:
+            raise EvosearchError(f"granularity {step} does not divide the MLP's {groups} channels; choose a divisor "
+                                 f"of {groups}")
+        full = groups // step
+        kinds[kind] = (step, full, min(full, math.ceil(comp.min_keep * full - 1e-9)))
+    params = {u.name: [unit_parameters(arch, u, k * kinds[u.kind][0]) for k in range(kinds[u.kind][1] + 1)]
+              for u in model_units}
+    dense = sum(p[-1] for p in params.values())
+    lowest = sum(params[u.name][kinds[u.kind][2]] for u in model_units) / dense
+    if not lowest <= target <= 1:
+        raise EvosearchError(f"--budget {target} is outside this space's range [{lowest:.3f}, 1] of the fraction "
+                             f"of parameters kept (min_keep {comp.min_keep})")
+
+    def uniform(first: float) -> dict[str, int]:
+        """Steps kept per unit: the first kind keeps the fraction ``first`` of its steps, the last fills the budget."""
+        keep = {}
+        for i, kind in enumerate(comp.units):
+            _, full, low = kinds[kind]
+            n = len(members[kind])
+            if i + 1 < len(comp.units):
+                totals = [min(max(round(first * full * n), low * n), full * n)]
+            else:
+                totals = range(low * n, full * n + 1)
+            rest = target * dense - sum(params[name][k] for name, k in keep.items())
+            spreads = [_spread(total, n) for total in totals]
+            best = min(spreads, key=lambda ks: abs(sum(params[u.name][k] for u, k in zip(members[kind], ks)) - rest))
+            keep |= {u.name: k for u, k in zip(members[kind], best)}
+        return keep
+
+    last = comp.units[-1]
+    rounding = (params[members[last][0].name][-1] - params[members[last][0].name][-2]) / 2 / dense * (1 + 1e-6)
+    centre = uniform(target)
+    units, keys = [], {}
+    for u in model_units:
+        step, full, low = kinds[u.kind]
+        keeps = list(range(full, low - 1, -1))  # widest first: levels go from least to most compressed
+        units.append(Unit(name=u.name, levels=[centre[u.name] - k for k in keeps], size=params[u.name][-1],
+                          group=u.kind, resources={"kept": [params[u.name][k] / params[u.name][-1] for k in keeps],
+                                                   "params": [float(params[u.name][k]) for k in keeps]}))
+        noun = "kv_heads" if u.kind == "attention" else "channels"
+        keys[u.name] = ["dense" if k == full else "drop" if k == 0 else f"{noun}={k * step}" for k in keeps]
+    space = Space(units=units, name=spec.name, description=spec.description)
+    budget = _budget(spec.budget, space, target, rounding)
+    starts = []
+    if len(comp.units) > 1:
+        spread = (1 - target) / 2
+        for first in sorted({max(0.0, target - spread), target, target + spread, 1.0}):
+            keep = uniform(first)
+            start = {u.name: centre[u.name] - keep[u.name] for u in model_units}
+            if budget.is_met(space, start) and start not in starts:
+                starts.append(start)
+    return SearchProblem(spec, arch, space, budget, {u.name: u for u in model_units}, keys, starts)
+
+
+def _spread(total: int, count: int) -> list[int]:
+    """``total`` split into ``count`` whole numbers that differ by at most one, the larger ones spread evenly."""
+    base, extra = divmod(total, count)
+    return [base + ((i + 1) * extra // count - i * extra // count) for i in range(count)]
 
 
 def _budget(spec: BudgetSpec, space: Space, value: float, rounding: float = 0.0) -> Budget:

@@ -219,6 +219,14 @@ def _export_drop(job: ExportJob) -> None:
             job.removed.add(unit)
 
 
+@exporter("width")
+def _export_width(job: ExportJob) -> None:
+    """Pruned heads and channels are zero columns of the output projections: slice them away."""
+    from evosearch.subnetwork import slice_to_kept
+
+    job.removed |= slice_to_kept(job.arch, list(job.problem.model_units.values()))
+
+
 # --- the structure of the exported model ----------------------------------------------------------
 
 @dataclass
@@ -253,7 +261,7 @@ def plan_structure(job: ExportJob) -> Structure:
                     block[name] = value
         if "mlp" not in skip:
             channels = arch.module(arch.mlp_linears(b)[1]).in_features
-            if channels != config.intermediate_size:
+            if channels != (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)):
                 block["intermediate_size"] = channels
         kept.append(b)
         overrides.append(block)

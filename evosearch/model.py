@@ -68,10 +68,12 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype | N
     """Load ``(model, tokenizer)`` for inference: eval mode, no gradients, on ``device``.
 
     ``source`` is a local Hugging Face directory, a GGUF file, or a packaged model alias;
-    ``None`` means the packaged default (SmolLM2-135M-Instruct).
+    ``None`` means the packaged default (SmolLM2-135M-Instruct). Sub-networks exported by
+    evosearch load with evosearch's own modeling code (no ``trust_remote_code``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _register_exported_classes()
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(source)
@@ -84,6 +86,17 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype | N
     log.info("loaded %s (%s, %.1fM parameters, %s, %s)", source or assets.DEFAULT_MODEL,
              type(model).__name__, model.num_parameters() / 1e6, dtype, device)
     return model, tokenizer
+
+
+def _register_exported_classes() -> None:
+    """Exports whose blocks differ name evosearch's Llama (``model_type: evosearch_llama``);
+    load them with evosearch's own copy of its code, never the file beside the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from evosearch.modeling_evosearch import EvosearchLlamaConfig, EvosearchLlamaForCausalLM
+
+    AutoConfig.register(EvosearchLlamaConfig.model_type, EvosearchLlamaConfig, exist_ok=True)
+    AutoModelForCausalLM.register(EvosearchLlamaConfig, EvosearchLlamaForCausalLM, exist_ok=True)
 
 
 def _converted_gguf(gguf: Path) -> Path:

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from evosearch import __version__, assets
+from evosearch import __version__, assets, subnetwork
 from evosearch.candidate import CandidateModel
-from evosearch.compression import CompressionSpace, QuantizationSpace, SearchProblem, SparsityQuantSpace, parse_quant_key
+from evosearch.compression import (CompressionSpace, QuantizationSpace, SearchProblem, SparsityQuantSpace, WidthSpace,
+                                   parse_quant_key)
 from evosearch.data import load_corpus
 from evosearch.database.build import build_database
 from evosearch.database.quantization import distinct_per_group, packed_bytes
@@ -133,6 +134,8 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     sampler_options = dict(spec.sampler) | settings.sampler_options
     if settings.generations is not None and settings.sampler == "evopress":
         sampler_options["generations"] = settings.generations
+    if problem.starts and settings.sampler == "evopress":
+        sampler_options.setdefault("starts", problem.starts)
     _register_heuristics(problem, database)
     storage = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     study_name = f"evosearch-{spec.name or 'search'}"
@@ -145,17 +148,28 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
                         sampler_options=sampler_options, progress=progress)
     clock.lap("search")
 
+    width = isinstance(spec.compression, WidthSpace)
+    if width:  # from here on a sub-network is its masks, then their reformation
+        candidate.reformed_levels = False
+        candidate.mark_changed(problem.model_units)
     baselines = {}
     for name in spec.baselines if settings.baselines is None else settings.baselines:
         baselines[name] = _evaluate_baseline(name, problem, fitness, candidate, eval_windows, tokenizer, progress)
+        if width:
+            baselines[name] |= _reform_and_evaluate(baselines[name], problem, candidate, teacher, calibration,
+                                                    eval_windows, tokenizer, progress)
     clock.lap("baselines")
 
     best = result.best.assignment
     candidate.apply(best)
     final_kl = teacher.kl(model)
     compressed = perplexity(model, eval_windows, tokenizer=tokenizer, progress=progress)
+    evaluated = {"kl": final_kl, "perplexity": compressed.perplexity}
+    if width:
+        evaluated |= _reform_and_evaluate(evaluated, problem, candidate, teacher, calibration, eval_windows,
+                                          tokenizer, progress)
     clock.lap("evaluate")
-    model.save_pretrained(out / "model")
+    model.save_pretrained(out / "model")  # as the search saw it; `evosearch export` removes what is pruned
     tokenizer.save_pretrained(out / "model")
     report = {
         "settings": settings.model_dump(),
@@ -167,9 +181,9 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
                   | _whole_model(settings, problem, best, table),
         "database": str(database.root) if database.root else None,
         "assignment": best,
-        "fitness": {"kl": final_kl, "tokens": teacher.max_tokens, "search_value": result.best.value},
+        "fitness": {"kl": evaluated["kl"], "tokens": teacher.max_tokens, "search_value": result.best.value},
         "perplexity": {"corpus": corpus.name, "tokens": compressed.tokens, "dense": dense_ppl,
-                       "compressed": compressed.perplexity},
+                       "compressed": evaluated["perplexity"]},
         "baselines": baselines,
         "parameters": {"dense": sum(u.params for u in problem.model_units.values()),
                        "kept": kept_parameters(model, arch, problem)},
@@ -180,6 +194,10 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     }
     if isinstance(spec.compression, QuantizationSpace):
         report["quantization"] = quantized_usage(arch, problem, candidate.current)
+    if width:
+        report["reformation"] = evaluated["reformation"]
+    if width:
+        report["widths"] = subnetwork.block_widths(arch, list(problem.model_units.values()))
     (out / "result.json").write_text(json.dumps(report, indent=1))
     return report
 
@@ -276,6 +294,25 @@ def _evaluate_baseline(name: str, problem: SearchProblem, fitness: KLFitness, ca
             "usage": problem.budget.usage(problem.space, result.best.assignment), "assignment": result.best.assignment}
 
 
+def _reform_and_evaluate(evaluated: dict, problem: SearchProblem, candidate: CandidateModel, teacher: Teacher,
+                         calibration: torch.Tensor, eval_windows: torch.Tensor, tokenizer, progress: bool) -> dict:
+    """Reform the sub-network in place (``evaluated`` holds its masked kl and perplexity) and measure
+    it again: the kl and perplexity after reformation, and a ``reformation`` record of both."""
+    model, arch = candidate.model, candidate.arch
+    reformation = problem.spec.compression.reform
+    started = time.perf_counter()
+    record = subnetwork.reform_subnetwork(model, arch, list(problem.model_units.values()), candidate.dense,
+                                          calibration, reformation, progress=progress)
+    candidate.mark_changed(problem.model_units)
+    seconds = time.perf_counter() - started
+    kl = teacher.kl(model)
+    ppl = perplexity(model, eval_windows, tokenizer=tokenizer, progress=progress).perplexity
+    record |= reformation.model_dump() | {"kl_before": evaluated["kl"], "kl_after": kl,
+                                          "perplexity_before": evaluated["perplexity"], "perplexity_after": ppl,
+                                          "seconds": round(seconds, 1)}
+    return {"kl": kl, "perplexity": ppl, "reformation": record}
+
+
 def _open_database(settings: SearchSettings, problem: SearchProblem, fingerprint: str, corpus) -> Database:
     comp = problem.spec.compression
     identity = {"model": fingerprint, "compression": comp.kind, "method": getattr(comp, "method", None),
@@ -284,6 +321,11 @@ def _open_database(settings: SearchSettings, problem: SearchProblem, fingerprint
                 "seed": settings.seed, "dtype": str(settings.dtype)}
     if isinstance(comp, QuantizationSpace):
         identity["format"] = comp.format_identity()
+    stored_reform = getattr(comp, "reform", None)
+    if isinstance(comp, WidthSpace) and comp.fitness == "masked":
+        stored_reform = None  # such a database holds importance orders only, which reformation does not change
+    if stored_reform is not None:  # reformed entries differ from plain ones; other databases keep their key
+        identity["reform"] = stored_reform.model_dump()
     root = Path(settings.database) if settings.database else (
         assets.cache_dir() / "databases" / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16])
     return Database(root, identity=identity)
@@ -318,6 +360,9 @@ def measured_usage(model, arch, problem: SearchProblem, applied: dict[str, str] 
         return float(sum(is_dropped(arch, mu) for mu in problem.model_units.values()))
     if resource in ("latency_ms", "prefill_ms", "bytes"):
         return None  # counted on the export (evosearch.json's tensor_bytes) and measured on the target, not here
+    if resource == "kept":
+        units = list(problem.model_units.values())
+        return subnetwork.kept_parameters(arch, units) / sum(mu.params for mu in units)
     raise EvosearchError(f"no way to count {resource!r} from weights")
 
 
@@ -360,7 +405,10 @@ def is_dropped(arch, mu) -> bool:
 
 
 def kept_parameters(model, arch, problem: SearchProblem) -> int:
-    """Non-zero parameters left in the searched units (a dropped block keeps none)."""
+    """Non-zero parameters left in the searched units (a dropped block keeps none); for a
+    sub-network, the parameters of its kept heads and channels (what export keeps)."""
+    if isinstance(problem.spec.compression, WidthSpace):
+        return subnetwork.kept_parameters(arch, list(problem.model_units.values()))
     total = 0
     for mu in problem.model_units.values():
         if mu.kind != "linear" and is_dropped(arch, mu):

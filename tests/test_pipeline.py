@@ -109,3 +109,28 @@ def test_short_search_on_the_packaged_model(tmp_path):
     assert report["perplexity"]["dense"] < report["perplexity"]["compressed"] < 200
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert searched_sparsity(reloaded, architecture(reloaded)) == pytest.approx(0.5, abs=0.001)
+
+
+def test_width_search_exports_the_sub_network_it_reports(tmp_path, tiny_model_dir):
+    from evosearch.export import export_result, load_exported
+
+    space = tmp_path / "width.yaml"
+    space.write_text("name: width-test\ncompression: {kind: width, granularity: 32, min_keep: 0.0, "
+                     "reform: {method: admm, iterations: 5}}\nbudget: {resource: kept, form: average}\n"
+                     "baselines: [uniform]\n")
+    settings = tiny_settings(tiny_model_dir, tmp_path / "db", space=str(space), budget=0.6)
+    report = run_search(settings, tmp_path / "run", progress=False)
+    assert report["budget"]["measured"] <= 0.6 + 1e-9
+    assert report["budget"]["measured"] == pytest.approx(report["budget"]["planned"], abs=1e-9)
+    assert report["reformation"]["kl_after"] <= report["reformation"]["kl_before"]
+
+    exported = export_result(tmp_path / "run", tmp_path / "export")
+    searched = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    pruned = report["parameters"]["dense"] - report["parameters"]["kept"]
+    removed_norms = searched.config.hidden_size * sum(
+        len(o.get("skip", [])) for o in exported.record["blocks"]["overrides"])
+    assert exported.parameters == searched.num_parameters() - pruned - removed_norms
+    model, _ = load_exported(tmp_path / "export", device="cpu")
+    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, searched(ids).logits, rtol=1e-4, atol=1e-5)

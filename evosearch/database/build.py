@@ -21,11 +21,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from evosearch.compression import QuantizationSpace, SearchProblem, SparsityQuantSpace, SparsitySpace, parse_quant_key
+from evosearch import subnetwork
+from evosearch.compression import (QuantizationSpace, SearchProblem, SparsityQuantSpace, SparsitySpace, WidthSpace,
+                                   parse_quant_key)
 from evosearch.database.hessian import Hessian
 from evosearch.database.quantization import GPTQ, rtn_quantize
 from evosearch.database.sparsity import SparseGPT, magnitude_prune, wanda_prune
 from evosearch.database.store import Database
+from evosearch.database.structured import reform, reform_closed_form
 from evosearch.units import Architecture
 
 log = logging.getLogger("evosearch")
@@ -82,8 +85,7 @@ def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
 def build_database(model, arch: Architecture, problem: SearchProblem, database: Database,
                    sequences: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> None:
     """Fill ``database`` with every (unit, level) of ``problem`` it lacks, and the baselines' statistics."""
-    missing = {unit: [k for k in keys if k not in ("dense", "drop") and not database.has(unit, k)]
-               for unit, keys in problem.keys.items()}
+    missing = {unit: [k for k in needed_keys(problem, unit) if not database.has(unit, k)] for unit in problem.keys}
     need_stats = not database.stats
     if not any(missing.values()) and not need_stats:
         log.info("database %s is complete", database.root or "(memory)")
@@ -98,8 +100,9 @@ def build_database(model, arch: Architecture, problem: SearchProblem, database: 
     for b in tqdm(range(last + 1), desc="database", unit="block", disable=not progress):
         block = arch.blocks[b]
         linears = arch.linears(b)
-        hessians = _hessian_hooks(arch, b) if (by_block[b] or need_stats) and isinstance(
-            comp, (SparsitySpace, QuantizationSpace)) else {}
+        wants_hessians = (by_block[b] or need_stats) and isinstance(comp, (SparsitySpace, QuantizationSpace,
+                                                                           WidthSpace))
+        hessians = _hessian_hooks(arch, b) if wants_hessians else {}
         handles = [arch.module(name).register_forward_hook(hook) for name, hook in hessians.get("hooks", {}).items()]
         influence = _InfluenceMeter(arch, b) if need_stats else None
         try:
@@ -125,10 +128,24 @@ def build_database(model, arch: Architecture, problem: SearchProblem, database: 
                 database.stats.setdefault(arch.block_name(b), {})["outlier_ratio"] = _outlier_ratio(
                     [(arch.module(n).weight, per_linear[n].column_norms()) for n in linears])
             for unit in by_block[b]:
-                compress = _quantize_unit if isinstance(comp, QuantizationSpace) else _compress_unit
-                compress(comp, arch.module(unit).weight, per_linear[unit], unit, missing[unit], database)
+                if isinstance(comp, WidthSpace):
+                    _width_unit(comp, arch, problem.model_units[unit], per_linear, missing[unit], database)
+                elif isinstance(comp, QuantizationSpace):
+                    _quantize_unit(comp, arch.module(unit).weight, per_linear[unit], unit, missing[unit], database)
+                else:
+                    _compress_unit(comp, arch.module(unit).weight, per_linear[unit], unit, missing[unit], database)
         inputs.hidden = outputs
     database.save_stats()
+
+
+def needed_keys(problem: SearchProblem, unit: str) -> list[str]:
+    """The database entries a unit needs: its compressed levels; for a width unit the
+    importance order of its groups, and its levels only when the search scores reformed ones."""
+    comp = problem.spec.compression
+    levels = [k for k in problem.keys[unit] if k not in ("dense", "drop")]
+    if isinstance(comp, WidthSpace):
+        return ["order"] + (levels if comp.fitness == "reformed" else [])
+    return levels
 
 
 def _hessian_hooks(arch: Architecture, b: int) -> dict:
@@ -165,6 +182,10 @@ def _compress_unit(comp: SparsitySpace, weight: torch.Tensor, hessian: Hessian, 
     else:
         pruned = {k: magnitude_prune(weight, s, nm) for k, (s, nm) in levels.items()}
     for key, value in pruned.items():
+        if comp.reform is not None:
+            r = comp.reform
+            value, _ = reform(weight, hessian.H, value != 0, rho=r.rho, iterations=r.iterations, damp=r.damp,
+                              start=value)
         database.put(unit, key, {f"{unit}.weight": value.to(weight.dtype)})
 
 
@@ -199,6 +220,25 @@ def _prune(comp: SparsityQuantSpace, weight: torch.Tensor, hessian: Hessian, zer
     else:
         pruned = [magnitude_prune(weight, s) for s in sparsities]
     return dict(zip(zeros, pruned))
+
+
+def _width_unit(comp: WidthSpace, arch: Architecture, mu, per_linear: dict[str, Hessian], keys: list[str],
+                database: Database) -> None:
+    """A width unit's importance order and, for a reformed search, each level's output projection
+    rectified in closed form (exact for kept columns; the final sub-network gets ``comp.reform``)."""
+    lay = subnetwork.layout(arch, mu)
+    if "order" in keys:
+        scores = subnetwork.importance(arch, mu, {name: per_linear[name].H for name in (*lay.inputs, lay.output)})
+        database.put(mu.name, "order", {"order": subnetwork.importance_order(scores)})
+    order = database.get(mu.name, "order", device=arch.module(lay.output).weight.device)["order"]
+    W = arch.module(lay.output).weight
+    for key in keys:
+        if key == "order":
+            continue
+        kept = subnetwork.kept_by_order(order, int(key.split("=")[1]))  # kv_heads=K or channels=C: groups kept
+        columns = kept.repeat_interleave(lay.columns)
+        W_hat = reform_closed_form(W, per_linear[lay.output].H, columns, damp=comp.reform.damp)
+        database.put(mu.name, key, {f"{lay.output}.weight": W_hat.to(W.dtype)})
 
 
 def _outlier_ratio(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -18,7 +18,10 @@ offspring wins a tie, which lets the search cross plateaus).
 
 The first parent is the uniform assignment (the best of the uniform candidates at
 the first stage's fidelity when there are several), or with `initial_candidates`
-> 0 the best of that many random feasible assignments at that fidelity.
+> 0 the best of that many random feasible assignments at that fidelity, or the best
+of the given `starts` (assignments that meet the budget, e.g. a width space's uniform
+sub-networks at several attention/MLP splits, which switches within a group cannot
+reach from one another).
 
 Defaults follow the reference code's unstructured-sparsity script
 (``example_scripts/prune_search.sh``): 64 offspring, 400 generations, survivors
@@ -51,6 +54,7 @@ class EvoPress(Sampler):
         stages: list[tuple[int, int]] | None = None,
         initial_candidates: int = 0,
         max_switches: int = 3,
+        starts: list[dict] | None = None,
     ):
         if offspring < 1 or generations < 0 or initial_candidates < 0 or max_switches < 1:
             raise EvosearchError(
@@ -61,6 +65,7 @@ class EvoPress(Sampler):
         self.stages = [tuple(s) for s in stages] if stages is not None else None
         self.initial_candidates = initial_candidates
         self.max_switches = max_switches
+        self.starts = starts
 
     def run(self, ctx: Context) -> None:
         stages = self._stages(ctx.fidelities)
@@ -121,7 +126,11 @@ class EvoPress(Sampler):
         return [m for m in groups if len(m) > 1]
 
     def _initial(self, ctx: Context, fidelity: int) -> np.ndarray:
-        if self.initial_candidates:
+        if self.starts:
+            candidates = [ctx.space.indices(start) for start in self.starts]
+            if not all(ctx.feasibility.is_met(x) for x in candidates):
+                raise EvosearchError("evopress: every assignment in starts must meet the budget")
+        elif self.initial_candidates:
             rng = ctx.rng(0)
             candidates = {}
             for _ in range(self.initial_candidates):
