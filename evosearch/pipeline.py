@@ -115,7 +115,8 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     candidate = CandidateModel(model, arch, problem, database)
     fitness = KLFitness(candidate, teacher)
     fitness.fidelities = sorted(settings.fidelities)
-    sampler_options = dict(spec.sampler) | settings.sampler_options
+    # A space's sampler defaults (offspring...) are those of EvoPress, the default sampler; others take none of them.
+    sampler_options = (dict(spec.sampler) if settings.sampler == "evopress" else {}) | settings.sampler_options
     if settings.generations is not None and settings.sampler == "evopress":
         sampler_options["generations"] = settings.generations
     _register_heuristics(problem, database)
