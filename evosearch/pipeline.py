@@ -4,13 +4,18 @@
 database of compressed weights, caches the dense teacher's outputs, searches, puts the
 winner in place, measures it against the dense model and writes ``out/``:
 
+    recipe.yaml    the run as a recipe (`evosearch.recipe`), written when it starts, so
+                   even an interrupted search says how to resume it
+    space.yaml     the search space made concrete for this model and budget: every
+                   unit's levels and their resources (an `evosearch.Space`)
     result.json    assignment per unit, budget used (planned and counted from the
-                   weights), fitness, perplexity before and after, settings, versions
+                   weights), fitness, perplexity before and after, the Pareto set of
+                   a multi-objective search, the recipe, versions
     model/         the compressed model (``save_pretrained``) and its tokenizer
     study.db       every evaluated candidate (an Optuna study; ``--resume`` continues it)
 
 ``SearchSettings`` is the whole run as data, so a run is reproducible from its
-``result.json`` alone.
+``result.json`` alone (``evosearch run DIR/result.json``).
 """
 
 from __future__ import annotations
@@ -87,14 +92,23 @@ def prepare_output(out: Path, resume: bool, force: bool) -> None:
 
 def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = False, force: bool = False,
                progress: bool = True) -> dict:
+    from evosearch.recipe import Recipe  # the recipe module builds on SearchSettings
+
     out = Path(out)
     prepare_output(out, resume, force)
+    recipe = Recipe.from_settings(settings, out)
+    # A resumed run keeps the files of the run it continues until it finishes: were these settings
+    # refused (another seed, say), the folder would otherwise describe a search it does not hold.
+    _write_unless_resumed(out / "recipe.yaml", recipe.to_yaml(), resume)
     clock = _Stopwatch()
 
     spec = CompressionSpace.load(settings.space)
     model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype)
     arch = architecture(model)
     problem = spec.materialize(arch, settings.budget)
+    _write_unless_resumed(out / "space.yaml", f"# {spec.name or 'search'} space for this model and budget "
+                          f"{settings.budget:g}: each unit's levels and their resources\n" + problem.space.to_yaml(),
+                          resume)
     corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
     fitness_sequences = math.ceil(max(settings.fidelities) / settings.sequence_length)
     fitness_tokens = corpus.calibration_sequences(fitness_sequences, settings.sequence_length, seed=settings.seed + 1)
@@ -152,12 +166,21 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         "parameters": {"dense": sum(u.params for u in problem.model_units.values()),
                        "kept": kept_parameters(model, arch, problem)},
         "search": {"sampler": settings.sampler, "evaluations": result.n_evaluations,
-                   "seconds": round(result.wall_time, 1), "best_trial": result.best.trial},
+                   "seconds": round(result.wall_time, 1), "best_trial": result.best.trial,
+                   "study": result.study_name,
+                   "pareto": [{"trial": c.trial, "kl": c.value, "usage": c.usage} for c in result.pareto]},
         "timings": clock.times,
         "versions": versions(),
+        "recipe": recipe.model_dump(mode="json"),
     }
     (out / "result.json").write_text(json.dumps(report, indent=1))
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
     return report
+
+
+def _write_unless_resumed(path: Path, text: str, resume: bool) -> None:
+    if not (resume and path.exists()):
+        path.write_text(text)
 
 
 class _Stopwatch:
