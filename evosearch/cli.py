@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     _corpus_arguments(p)
     p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default 16384)")
     p.add_argument("--window", type=int, default=1024, help="tokens per non-overlapping window (default 1024)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks to run too, offline: evosearch_perplexity (the same windows "
+                        "through lm-eval), or any task whose data is local (see --task-path)")
+    p.add_argument("--task-path", action="append", default=[], metavar="DIR",
+                   help="folder of lm-eval task YAML files, e.g. a stock task pointed at a local copy of its data "
+                        "(repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="score at most this many documents per lm-eval task")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_eval)
 
@@ -125,6 +132,9 @@ def _corpus_arguments(p: argparse.ArgumentParser) -> None:
 def _setup_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[evosearch] %(message)s"))
+    handler.set_name("evosearch-cli")
+    for earlier in [h for h in log.handlers if h.get_name() == "evosearch-cli"]:  # main() called again in-process
+        log.removeHandler(earlier)
     log.addHandler(handler)
     log.setLevel(logging.INFO if level == 0 else logging.DEBUG if level > 0 else logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,11 +168,22 @@ def cmd_eval(args) -> int:
     record = {"model": args.model or "smollm2-135m", "corpus": corpus.name, "perplexity": result.perplexity,
               "loss": result.loss, "bits_per_byte": result.bits_per_byte, "tokens": result.tokens,
               "window": args.window, "seconds": round(time.perf_counter() - start, 2)}
+    if args.tasks:
+        from evosearch.lmeval import evaluate_tasks
+
+        if args.limit is not None:
+            _positive("limit", args.limit)
+        tasks = [t for t in args.tasks.split(",") if t]
+        record["tasks"] = evaluate_tasks(model, tokenizer, tasks, windows=windows, task_paths=args.task_path,
+                                         limit=args.limit)
     if args.json:
         print(json.dumps(record))
-    else:
-        print(f"perplexity {result.perplexity:.3f}  (loss {result.loss:.4f} nats, {result.bits_per_byte:.4f} bits/byte, "
-              f"{result.tokens:,} predicted tokens of {corpus.name}, {record['seconds']} s)")
+        return 0
+    print(f"perplexity {result.perplexity:.3f}  (loss {result.loss:.4f} nats, {result.bits_per_byte:.4f} bits/byte, "
+          f"{result.tokens:,} predicted tokens of {corpus.name}, {record['seconds']} s)")
+    for task, metrics in record.get("tasks", {}).items():
+        print(f"lm-eval {task}: " + ", ".join(f"{m} {v:.4f}" if isinstance(v, float) else f"{m} {v:,}"
+                                             for m, v in metrics.items()))
     return 0
 
 
