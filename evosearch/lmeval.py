@@ -58,36 +58,35 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, windows: torch.Tensor 
     for path in task_paths:
         if not Path(path).is_dir():
             raise EvosearchError(f"--task-path {path} is not a folder of lm-eval task YAML files")
-    with offline():
+    with offline(), _quiet():
         try:
             import lm_eval
             from lm_eval.models.huggingface import HFLM
             from lm_eval.tasks import TaskManager
         except ImportError:
             raise EvosearchError('lm-eval tasks need lm-eval: pip install "evosearch[eval]"') from None
-        with _quiet("lm_eval"):
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or default_batch_size(model))
-            include = [str(p) for p in task_paths]
-            scored_tokens = None
-            if PERPLEXITY_TASK in tasks:
-                if windows is None:
-                    raise EvosearchError(f"task {PERPLEXITY_TASK} needs the evaluation windows (evosearch eval's "
-                                         f"--corpus, --tokens, --window)")
-                folder, scored_tokens = write_perplexity_task(lm, tokenizer, windows)
-                include.insert(0, str(folder))
-            manager = TaskManager(include_path=include or None)
-            results = {}
-            for name in tasks:
-                if name not in manager.all_tasks and not Path(name).is_file():
-                    raise EvosearchError(f"lm-eval has no task {name!r}; `lm_eval ls tasks` lists them, and "
-                                         f"--task-path DIR adds the YAML files in DIR")
-                try:
-                    output = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
-                                                     bootstrap_iters=0, log_samples=False)
-                except (FileNotFoundError, ConnectionError) as exc:
-                    raise EvosearchError(f"lm-eval task {name}: {_missing(exc)}") from None
-                for task, metrics in output["results"].items():
-                    results[task] = _metrics(metrics)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or default_batch_size(model))
+        include = [str(p) for p in task_paths]
+        scored_tokens = None
+        if PERPLEXITY_TASK in tasks:
+            if windows is None:
+                raise EvosearchError(f"task {PERPLEXITY_TASK} needs the evaluation windows (evosearch eval's "
+                                     f"--corpus, --tokens, --window)")
+            folder, scored_tokens = write_perplexity_task(lm, tokenizer, windows)
+            include.insert(0, str(folder))
+        manager = TaskManager(include_path=include or None)
+        unknown = [name for name in tasks if name not in manager.all_tasks and not Path(name).is_file()]
+        if unknown:
+            raise EvosearchError(f"lm-eval has no task {unknown[0]!r}; `lm_eval ls tasks` lists them, and "
+                                 f"--task-path DIR adds the YAML files in DIR")
+        results = {}
+        for name in tasks:  # one at a time, so that a failure names its task
+            try:
+                output = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
+                                                 bootstrap_iters=0, log_samples=False)
+            except (FileNotFoundError, ConnectionError) as exc:
+                raise EvosearchError(f"lm-eval task {name}: {_missing(exc)}") from None
+            results |= {task: _metrics(metrics) for task, metrics in output["results"].items()}
     if scored_tokens is not None:
         results[PERPLEXITY_TASK]["tokens"] = scored_tokens
     return results
@@ -183,10 +182,10 @@ class _ModelObjectNotices(logging.Filter):
 
 
 @contextmanager
-def _quiet(logger_name: str):
+def _quiet():
     """lm-eval logs every task's configuration at INFO; keep it to warnings, less HFLM's notices about model objects."""
-    logger = logging.getLogger(logger_name)
-    hflm = logging.getLogger(f"{logger_name}.models.huggingface")
+    logger = logging.getLogger("lm_eval")
+    hflm = logging.getLogger("lm_eval.models.huggingface")
     notices = _ModelObjectNotices()
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))

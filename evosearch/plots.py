@@ -83,7 +83,7 @@ def convergence(runs: list[tuple[str, History, dict]], path: Path) -> Path:
     ax = fig.subplots()
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink"]
     distinct = len({h.sampler for _, h, _ in runs}) == len(runs)
-    values = []
+    values, lines = [], []  # every value drawn; the values of the lines, which the frame must hold
     for i, (folder, history, _) in enumerate(runs):
         colour = colours[i % len(colours)]
         xs = [p.evaluations for p in history.points]
@@ -94,17 +94,21 @@ def convergence(runs: list[tuple[str, History, dict]], path: Path) -> Path:
                 label=f"{history.sampler if distinct else folder}: best {best_so_far[-1]:.4g} "
                       f"after {history.evaluations} evaluations")
         values += ys
+        lines.append(best_so_far[0])
     for j, (baseline, record) in enumerate(runs[0][2].items()):
         if record.get("kl") is not None:
             ax.axhline(record["kl"], color="0.3", linestyle=(0, (4, 2 + 2 * j)), linewidth=1,
                        label=f"{baseline} baseline: {record['kl']:.4g}")
-            values.append(record["kl"])
-    positive = [v for v in values if v > 0]
-    if positive and max(positive) / min(positive) > 20:
-        ax.set_yscale("log")
+            lines.append(record["kl"])
+    # The frame holds the lines; candidates far worse than every line (a random start, say) would flatten them.
+    low, high = min(values + lines), max(lines)
+    pad = 0.08 * (high - low) or 0.05 * abs(high) or 0.01
+    above = sum(v > high + pad for v in values)
+    ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("fitness evaluations (all selection stages)")
     ax.set_ylabel(f"KL to dense, nats/token\n({runs[0][1].points[0].fidelity} calibration tokens)")
-    ax.set_title("Fitness of complete candidates (dots) and best so far (line)", fontsize=10)
+    ax.set_title("Fitness of complete candidates (dots) and best so far (line)"
+                 + (f"; {above} candidates lie above the frame" if above else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=150)
