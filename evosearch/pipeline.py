@@ -4,15 +4,20 @@
 database of compressed weights, caches the dense teacher's outputs, searches, puts the
 winner in place, measures it against the dense model and writes ``out/``:
 
+    recipe.yaml    the run as a recipe (`evosearch.recipe`), written when it starts, so
+                   even an interrupted search says how to resume it
+    space.yaml     the search space made concrete for this model and budget: every
+                   unit's levels and their resources (an `evosearch.Space`)
     result.json    assignment per unit, budget used (planned and counted from the
-                   weights), fitness, perplexity before and after, settings, versions
+                   weights), fitness, perplexity before and after, the Pareto set of
+                   a multi-objective search, the recipe, versions
     model/         the compressed model (``save_pretrained``) and its tokenizer
     study.db       every evaluated candidate (an Optuna study; ``--resume`` continues it)
 
 ``SearchSettings`` is the whole run as data, so a run is reproducible from its
-``result.json`` alone. With ``workers`` the candidates are evaluated by worker processes
-(`evosearch.workers`) that rebuild the fitness from those settings, stored in the study:
-``worker_fitness`` is what each of them runs.
+``result.json`` alone (``evosearch run DIR/result.json``). With ``workers`` the candidates
+are evaluated by worker processes (`evosearch.workers`) that rebuild the fitness from those
+settings, stored in the study: ``worker_fitness`` is what each of them runs.
 """
 
 from __future__ import annotations
@@ -101,16 +106,25 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     """Run the search that `settings` describe into `out`. With ``settings.workers``, start
     that many local workers, or with `remote` wait for as many ``evosearch worker``
     processes started elsewhere."""
+    from evosearch.recipe import Recipe  # the recipe module builds on SearchSettings
+
     if settings.workers and not settings.storage:
         raise EvosearchError("--workers needs --storage that workers can share: a journal file (path ending in "
                              ".journal) on one host, or postgresql://... across hosts")
     out = Path(out)
     prepare_output(out, resume, force)
+    recipe = Recipe.from_settings(settings, out)
+    # A resumed run keeps the files of the run it continues until it finishes: were these settings
+    # refused (another seed, say), the folder would otherwise describe a search it does not hold.
+    _write_unless_resumed(out / "recipe.yaml", recipe.to_yaml(), resume)
     if settings.workers:
         open_storage(settings.storage)  # refuses SQLite and reaches the server before anything is loaded
     clock = _Stopwatch()
 
     spec, model, tokenizer, arch, problem, table, corpus, fitness_tokens = _load(settings, settings.device)
+    _write_unless_resumed(out / "space.yaml", f"# {spec.name or 'search'} space for this model and budget "
+                          f"{settings.budget:g}: each unit's levels and their resources\n" + problem.space.to_yaml(),
+                          resume)
     eval_windows = corpus.evaluation_windows(settings.eval_tokens, 1024)
     clock.lap("load")
 
@@ -131,7 +145,8 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         log.info("database on the GPU: %.2f GiB", candidate.preload(max_bytes=0.5 * free) / 2**30)
     fitness = KLFitness(candidate, teacher)
     fitness.fidelities = sorted(settings.fidelities)
-    sampler_options = dict(spec.sampler) | settings.sampler_options
+    # A space's sampler defaults (offspring...) are those of EvoPress, the default sampler; others take none of them.
+    sampler_options = (dict(spec.sampler) if settings.sampler == "evopress" else {}) | settings.sampler_options
     if settings.generations is not None and settings.sampler == "evopress":
         sampler_options["generations"] = settings.generations
     if problem.starts and settings.sampler == "evopress":
@@ -188,17 +203,20 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         "parameters": {"dense": sum(u.params for u in problem.model_units.values()),
                        "kept": kept_parameters(model, arch, problem)},
         "search": {"sampler": settings.sampler, "evaluations": result.n_evaluations,
-                   "seconds": round(result.wall_time, 1), "best_trial": result.best.trial},
+                   "seconds": round(result.wall_time, 1), "best_trial": result.best.trial,
+                   "study": result.study_name,
+                   "pareto": [{"trial": c.trial, "kl": c.value, "usage": c.usage} for c in result.pareto]},
         "timings": clock.times,
         "versions": versions(),
+        "recipe": recipe.model_dump(mode="json"),
     }
     if isinstance(spec.compression, QuantizationSpace):
         report["quantization"] = quantized_usage(arch, problem, candidate.current)
     if width:
         report["reformation"] = evaluated["reformation"]
-    if width:
         report["widths"] = subnetwork.block_widths(arch, list(problem.model_units.values()))
     (out / "result.json").write_text(json.dumps(report, indent=1))
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
     return report
 
 
@@ -231,6 +249,8 @@ def _whole_model(settings: SearchSettings, problem: SearchProblem, best: dict, t
         rest = table.rest(problem, "decode_ms" if settings.budget_resource == "latency_ms" else "prefill_ms")
     return {"whole_model_planned": rest + problem.budget.usage(problem.space, best),
             "target": None if table is None else f"{table.target} ({table.device})"}
+
+
 def _load(settings: SearchSettings, device: str | None):
     """The space, model, problem (with its hardware table, if any), corpus and fitness tokens that
     `settings` name."""
@@ -269,6 +289,11 @@ def worker_fitness(options: dict, device: str | None = None) -> KLFitness:
 def _gpus() -> list[str]:
     """One device per local worker, round robin: the visible GPUs, else the CPU."""
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+
+
+def _write_unless_resumed(path: Path, text: str, resume: bool) -> None:
+    if not (resume and path.exists()):
+        path.write_text(text)
 
 
 class _Stopwatch:
