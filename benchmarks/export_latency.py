@@ -233,6 +233,8 @@ def main(argv=None) -> int:
     timer = Timer(device, repeats=args.repeats)
     teacher = Teacher.build(model, held_out, progress=False)
     work = args.work or Path(tempfile.mkdtemp(prefix="evosearch-export-"))
+    for old in [*work.glob("variant*"), work / "latency-budget"]:  # exports of an earlier run in --work
+        shutil.rmtree(old, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 

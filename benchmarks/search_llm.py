@@ -47,9 +47,8 @@ def main() -> None:
                       eval_tokens=65536)
     common |= dict(device=args.device, dtype="bf16" if args.device.startswith("cuda") else None)
 
-    runs = [("sparsity", float(t), ["uniform", "owl"]) for t in args.targets.split(",")]
-    if args.drop:
-        runs.append(("drop", args.drop, ["shortgpt"]))
+    runs = [("drop", args.drop, ["shortgpt"])] if args.drop else []  # first: the cheapest run
+    runs += [("sparsity", float(t), ["uniform", "owl"]) for t in args.targets.split(",") if t]
     rows = []
     for space, budget, baselines in runs:
         start = time.perf_counter()

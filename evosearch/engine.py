@@ -93,7 +93,8 @@ class Evaluator:
         self.max_evaluations = max_evaluations
         self.tradeoff = tradeoff
         self.bar = bar
-        self._submit = _submitter(fitness, multi_fidelity=hasattr(fitness, "fidelities"))
+        # fidelities = None declares a single-fidelity fitness as much as no attribute does
+        self._submit = _submitter(fitness, multi_fidelity=getattr(fitness, "fidelities", None) is not None)
         self._batched = hasattr(fitness, "evaluate_batch")
         self.memo: dict[tuple[tuple[int, ...], int], float] = {}
         self._open: dict[tuple[int, ...], optuna.Trial] = {}

@@ -164,7 +164,7 @@ def test_zero_teacher_probabilities_contribute_nothing(kt):
     assert relative_error(out, ref) < TOLERANCE
     padding = torch.full((3, 100), float("-inf"), device=DEVICE)
     padded = kt.kl_per_row(torch.cat([teacher, padding], 1), torch.cat([student, padding.to(BF16)], 1))
-    assert torch.equal(padded, out)
+    torch.testing.assert_close(padded, out, rtol=1e-6, atol=0)  # padding moves the chunk boundaries (GPU: not bitwise)
 
 
 @needs_triton

@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent(
     kill_at, kill_with = int(os.environ.get("KILL_AT", 0)), os.environ.get("KILL_WITH", "SIGINT")
     problem = evopress_shaped({"attn": (8, 1), "mlp": (8, 2)}, seed=5)
     logging.basicConfig(level=logging.WARNING)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job inherits SIGINT ignored
 
     def fitness(assignment, fidelity):
         with open(log, "a") as f:

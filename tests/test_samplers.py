@@ -259,3 +259,20 @@ def test_evopress_stops_when_no_level_switch_keeps_the_budget(caplog):
     assert "cannot move" in caplog.text
     assert result.best.value == 5.0 and budget.is_met(space, result.best.assignment)
     assert result.n_evaluations <= 3
+
+
+def test_fidelities_none_is_a_single_fidelity_fitness():
+    """KLFitness starts with ``fidelities = None``: it must then be called with fidelity None, not 0."""
+    problem = evopress_shaped({"blocks": (12, 1)})
+
+    class Batched:
+        fidelities = None
+        seen = set()
+
+        def evaluate_batch(self, assignments, fidelity):
+            self.seen.add(fidelity)
+            return [problem.fitness(a) for a in assignments]
+
+    fitness = Batched()
+    search(problem.space, fitness, problem.budget, sampler_options={"offspring": 4, "generations": 2}, progress=False)
+    assert fitness.seen == {None}
