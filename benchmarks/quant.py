@@ -94,9 +94,11 @@ def main():
             calibration_sequences=args.calibration_sequences,
             fidelities=[int(f) for f in args.fidelities.split(",")], eval_tokens=args.eval_tokens,
             device=args.device, dtype=args.dtype, database=str(out / "database"), baselines=["uniform"])
-        report = run_search(settings, out / f"budget-{budget:g}", force=True, progress=False)
+        report = run_search(settings, out / f"budget-{budget:g}", force=True, progress=True)
         rows.append(row(budget, report))
         print(rows[-1], file=sys.stderr)
+        print(f"database {report['timings']['database']:.0f} s, search {report['timings']['search']:.0f} s",
+              file=sys.stderr)
 
     comp = spec.compression
     date = subprocess.run(["date", "-u"], capture_output=True, text=True).stdout.strip()
