@@ -9,7 +9,8 @@ The default directories are those ``benchmarks/search_llm.py`` writes (``runs/be
 ``runs/bench/drop-0.25``) and ``runs/bench/gptq-3bit``, which this script writes first when it
 is missing: every linear layer quantised to 3 bits (GPTQ, groups of 128) with the data
 settings of the first directory, and a ``formats`` record as ``evosearch.heal`` reads it. It
-is a uniform allocation, not a searched one, until the quantisation search is merged.
+is a uniform allocation; a searched one (``benchmarks/quant.py``'s result folders) can be
+given as a result directory instead.
 
     python benchmarks/search_llm.py --device cuda                     # first: the searched results
     python benchmarks/heal.py --device cuda --out heal.md             # on the H200, a few minutes
