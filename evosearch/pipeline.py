@@ -212,6 +212,7 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     }
     if isinstance(spec.compression, QuantizationSpace):
         report["quantization"] = quantized_usage(arch, problem, candidate.current)
+        report["formats"] = applied_formats(problem, candidate.current)
     if width:
         report["reformation"] = evaluated["reformation"]
         report["widths"] = subnetwork.block_widths(arch, list(problem.model_units.values()))
@@ -389,6 +390,17 @@ def measured_usage(model, arch, problem: SearchProblem, applied: dict[str, str] 
         units = list(problem.model_units.values())
         return subnetwork.kept_parameters(arch, units) / sum(mu.params for mu in units)
     raise EvosearchError(f"no way to count {resource!r} from weights")
+
+
+def applied_formats(problem: SearchProblem, applied: dict[str, str]) -> dict[str, dict]:
+    """Each quantised layer's format and pruned zeros, as ``evosearch.heal`` reads ``result.json``'s
+    ``formats`` (healing then keeps every layer on its grid and its zeros at zero)."""
+    comp = problem.spec.compression
+    formats = {}
+    for unit in problem.model_units:
+        zeros, bits = parse_quant_key(applied[unit])
+        formats[unit] = {"bits": bits, "group_size": comp.group_size, "symmetric": comp.symmetric, "zeros": zeros}
+    return formats
 
 
 def quantized_usage(arch, problem: SearchProblem, applied: dict[str, str]) -> dict[str, float]:

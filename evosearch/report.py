@@ -337,8 +337,8 @@ def render_text(summary: dict) -> str:
 
 
 _KNOWN_SECTIONS = {"settings", "space", "budget", "assignment", "fitness", "perplexity", "baselines", "parameters",
-                   "search", "timings", "versions", "recipe", "database", "quantization", "reformation", "widths",
-                   "heal"}
+                   "search", "timings", "versions", "recipe", "database", "quantization", "formats", "reformation",
+                   "widths", "heal"}
 
 
 def _result_lines(result: dict) -> list[str]:

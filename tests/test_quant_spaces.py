@@ -268,3 +268,10 @@ def test_quant_search_end_to_end_on_the_packaged_model(real, tmp_path, capsys):
     assert report["fitness"]["kl"] <= uniform["kl"]  # the search starts from the uniform mix and keeps the best
     assert report["perplexity"]["compressed"] > report["perplexity"]["dense"]
     assert report["quantization"]["fp16_fraction"] == pytest.approx(report["quantization"]["bytes"] / (2 * 106168320))
+    # healing reads the applied formats: one per searched layer, the bits the assignment chose
+    formats = report["formats"]
+    assert {name: f["bits"] for name, f in formats.items()} == report["assignment"]
+    assert all(f["group_size"] == 128 and f["zeros"] == 0 for f in formats.values())
+    from evosearch.heal import _format_records
+
+    assert set(_format_records(report, architecture(real[0]))) == set(formats)  # heal accepts every record
