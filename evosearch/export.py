@@ -219,6 +219,26 @@ def _export_drop(job: ExportJob) -> None:
             job.removed.add(unit)
 
 
+@exporter("quantization")
+@exporter("sparsity-quant")
+def _export_quantization(job: ExportJob) -> None:
+    """Quantised layers hold their dequantised values; the exact codes are recovered from the
+    format's grid, so ``--format packed`` stores integer codes, scales and zero points. A layer
+    whose weights are off the grid (changed after the search) stays dense rather than be re-rounded."""
+    from evosearch.compression import parse_quant_key
+    from evosearch.heal import recover_grid
+
+    comp = job.problem.spec.compression
+    for unit, level in job.assignment.items():
+        _, bits = parse_quant_key(job.problem.key(unit, level))
+        grid, exact = recover_grid(job.arch.module(unit).weight, comp.format(bits))
+        if exact.all():
+            job.quantized[unit] = grid
+        else:
+            log.warning("%s: %d of %d weight groups are off its %d-bit grid; it is written dense", unit,
+                        int((~exact).sum()), exact.numel(), bits)
+
+
 @exporter("width")
 def _export_width(job: ExportJob) -> None:
     """Pruned heads and channels are zero columns of the output projections: slice them away."""

@@ -134,6 +134,32 @@ def test_quant_database_levels_are_exact_and_swaps_are_reversible(request, fixtu
     assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())  # bit-identical
 
 
+@pytest.mark.parametrize("name", ["quant", "sparsity-quant"])
+def test_a_searched_bit_width_assignment_exports_packed_and_loads_with_the_same_logits(llama, tmp_path, name):
+    from evosearch.export import ExportJob, export_model, load_exported, run_exporters
+
+    arch = architecture(llama)
+    spec = space(name, method="rtn", group_size=16, bits=[3, 4])
+    problem = spec.materialize(arch, 3.5 if name == "quant" else 0.3)
+    database = Database()
+    build_database(llama, arch, problem, database, sequences(), batch_size=2, progress=False)
+    rng = np.random.default_rng(0)
+    assignment = {u.name: u.levels[int(rng.integers(len(u.levels)))] for u in problem.space.units}
+    candidate = CandidateModel(llama, arch, problem, database)
+    candidate.apply(assignment)
+    job = ExportJob(llama, arch, problem, assignment)
+    run_exporters(job)
+    assert set(job.quantized) == set(problem.model_units)  # every searched layer is packed, none re-rounded
+    report = export_model(job, tmp_path / "packed", format="packed")
+    assert {name: spec["bits"] for name, spec in report.record["packed"].items()} == {
+        unit: parse_quant_key(problem.key(unit, level))[1] for unit, level in assignment.items()}
+    loaded, _ = load_exported(tmp_path / "packed", device="cpu")
+    ids = sequences(2, 24, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, llama(ids).logits, rtol=1e-4, atol=1e-5)
+    candidate.restore()
+
+
 def test_measured_usage_checks_the_weights_against_the_applied_format(llama):
     arch = architecture(llama)
     problem = space("quant", method="rtn", group_size=16, bits=[2, 4, 8]).materialize(arch, 4)
