@@ -14,17 +14,16 @@ import argparse
 import math
 import multiprocessing
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from evosearch import search
 from evosearch.testing import evopress_shaped, interacting_drop, knapsack, linear_drop
+from results_md import replace_section  # benchmarks/results_md.py (the script folder is on sys.path)
 
 PROBLEMS = {
     "knapsack (40 units x 8 levels, max_total)": lambda seed: knapsack(40, 8, seed=seed),
@@ -130,13 +129,7 @@ def main():
         table(rows, args.seeds, args.cap),
         "<!-- samplers:end -->",
     ])
-    path = Path(__file__).parent / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if "<!-- samplers:begin -->" in text:
-        text = re.sub(r"<!-- samplers:begin -->.*<!-- samplers:end -->", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    replace_section("samplers", section)
     print(section)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -44,8 +43,8 @@ from evosearch.database.store import Database
 from evosearch.model import load_model
 from evosearch.pipeline import SearchSettings, run_search
 from evosearch.units import architecture
+from results_md import replace_section  # benchmarks/results_md.py (the script folder is on sys.path)
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
 def common_settings(args) -> dict:
@@ -186,13 +185,7 @@ def write_section(tag: str, title: str, body: str, started: float) -> None:
     section = "\n".join([f"<!-- {tag}:begin -->", f"## {title}", "",
                          f"Run `{command.strip()}` on {date}; {cpu}, {os.cpu_count()} cores; "
                          f"{time.perf_counter() - started:.0f} s in all.", "", body, f"<!-- {tag}:end -->"])
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n"
-    pattern = rf"<!-- {tag}:begin -->.*<!-- {tag}:end -->"
-    if re.search(pattern, text, flags=re.S):
-        text = re.sub(pattern, lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
+    replace_section(tag, section)
     print(section)
 
 

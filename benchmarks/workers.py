@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from optuna.trial import TrialState
 from evosearch import search
 from evosearch.testing import slow_fitness
 from evosearch.workers import Workers, evaluations_study, open_storage
+from results_md import replace_section  # benchmarks/results_md.py (the script folder is on sys.path)
 
 SYNTHETIC = {"problem": "evopress_shaped", "args": {"groups": {"blocks": [32, 1]}}, "fidelities": [1, 8]}
 
@@ -138,13 +138,7 @@ def main():
         table(rows),
         f"<!-- {name}:end -->",
     ])
-    path = Path(__file__).parent / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if f"<!-- {name}:begin -->" in text:
-        text = re.sub(rf"<!-- {name}:begin -->.*<!-- {name}:end -->", lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    replace_section(name, section)
     print(section)
 
 
