@@ -78,3 +78,16 @@ def brown(real):
     from evosearch.data import load_corpus
 
     return load_corpus("brown", real[1])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model and its text saved as a user's would be (``tiny_checkpoint.save``), with a
+    cache of its own (databases, tokens, dense perplexity) for the module's tests."""
+    import tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoint")
+    model, corpus = tiny_checkpoint.save(root)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EVOSEARCH_CACHE", str(root / "cache"))
+        yield model, corpus

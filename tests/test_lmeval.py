@@ -15,15 +15,6 @@ from evosearch.lmeval import TASKS_DIR
 pytest.importorskip("lm_eval")
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lmeval")
-    model, corpus = tiny_checkpoint.save(root)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EVOSEARCH_CACHE", str(root / "cache"))
-        yield model, corpus
-
-
 def eval_json(capsys, *args) -> dict:
     assert main(["eval", *args, "--json"]) == 0
     return json.loads(capsys.readouterr().out)

@@ -8,23 +8,12 @@ import shlex
 import pytest
 import yaml
 
-import tiny_checkpoint
 from evosearch.cli import main
 from evosearch.errors import EvosearchError
 from evosearch.pipeline import SearchSettings, run_search
 from evosearch.recipe import Recipe
 from evosearch.report import allocation, summarize, write_report
 from evosearch.space import Space, Unit
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The tiny model and its text, and a cache of its own (databases, tokens, dense perplexity)."""
-    root = tmp_path_factory.mktemp("checkpoint")
-    model, corpus = tiny_checkpoint.save(root)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("EVOSEARCH_CACHE", str(root / "cache"))
-        yield model, corpus
 
 
 def settings(checkpoint, **changes) -> SearchSettings:
