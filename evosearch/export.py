@@ -226,7 +226,7 @@ def _export_quantization(job: ExportJob) -> None:
     format's grid, so ``--format packed`` stores integer codes, scales and zero points. A layer
     whose weights are off the grid (changed after the search) stays dense rather than be re-rounded."""
     from evosearch.compression import parse_quant_key
-    from evosearch.heal import recover_grid
+    from evosearch.database.quantization import recover_grid
 
     comp = job.problem.spec.compression
     for unit, level in job.assignment.items():

@@ -99,7 +99,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from evosearch.data import Corpus, load_corpus
-from evosearch.database.quantization import QuantFormat, QuantizedWeight, rtn_quantize
+from evosearch.database.quantization import QuantFormat, QuantizedWeight, recover_grid
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import ROWS_PER_CHUNK, hidden_size, hidden_states, logits_from_hidden, perplexity
 from evosearch.kernels import kl as kl_kernels
@@ -202,42 +202,7 @@ def _format_records(result: dict, arch: Architecture) -> dict[str, _FormatRecord
     return records
 
 
-# --- quantised layers: the grid they lie on, and straight-through training on it ---------------
-
-def recover_grid(W: torch.Tensor, fmt: QuantFormat) -> tuple[QuantizedWeight, torch.Tensor]:
-    """The grid of ``fmt`` that the weights lie on, and which (row, group)s lie on it exactly.
-
-    A quantised weight holds values s (c - z) with integer codes c in [0, 2^bits - 1]. Per
-    group, the finest such grid holding every value (within the rounding of W's dtype) is
-    found by trying the scales A / k for k from the most codes down: A is the group's range
-    widened to 0 (asymmetric) or its largest magnitude (symmetric, zero point 2^(bits-1)).
-    A group on no grid of the format gets round-to-nearest's min-max grid. The scale A / k
-    is the original one only up to float rounding, so a recovered grid reproduces the
-    weights within their dtype's rounding, not bit for bit.
-    """
-    Wf = W.detach().float()
-    rows, columns = Wf.shape
-    g = fmt.group_index(columns, Wf.device)
-    index = g.expand_as(Wf)
-    groups = int(g[-1]) + 1
-    zeros_ = torch.zeros(rows, groups, device=Wf.device)
-    xmin = zeros_.scatter_reduce(1, index, Wf, "amin")  # widened to include 0
-    xmax = zeros_.scatter_reduce(1, index, Wf, "amax")
-    tolerance = 3 * torch.finfo(W.dtype).eps * Wf.abs()
-    fallback = rtn_quantize(Wf, fmt)
-    scales, zeros, found = fallback.scales, fallback.zeros.float(), torch.zeros_like(zeros_, dtype=torch.bool)
-    half = (fmt.maxq + 1) // 2
-    anchor = torch.maximum(-xmin, xmax) if fmt.symmetric else xmax - xmin
-    for k in range(half if fmt.symmetric else fmt.maxq, 0, -1):
-        s = (anchor / k).masked_fill(anchor == 0, 1.0)
-        z = torch.full_like(s, half) if fmt.symmetric else torch.round(-xmin / s)
-        c = torch.round(Wf / s[:, g]) + z[:, g]
-        ok = (c >= 0) & (c <= fmt.maxq) & ((s[:, g] * (c - z[:, g]) - Wf).abs() <= tolerance)
-        exact = torch.ones_like(s).scatter_reduce(1, index, ok.float(), "amin").bool() & ~found
-        scales, zeros, found = torch.where(exact, s, scales), torch.where(exact, z, zeros), found | exact
-    codes = torch.clamp(torch.round(Wf / scales[:, g]) + zeros[:, g], 0, fmt.maxq)
-    return QuantizedWeight(codes.to(torch.uint8), scales, zeros.to(torch.uint8), fmt, W.dtype), found
-
+# --- quantised layers: straight-through training on their grid (``recover_grid``) ----------------
 
 class FakeQuant(nn.Module):
     """A parametrisation of a linear weight: W -> s (clamp(round(W / s) + z, 0, maxq) - z).

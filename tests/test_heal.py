@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM
 from evosearch import heal as heal_module
 from evosearch.cli import main
 from evosearch.data import Corpus
-from evosearch.database.quantization import GPTQ, QuantFormat, rtn_quantize
+from evosearch.database.quantization import GPTQ, QuantFormat, recover_grid, rtn_quantize
 from evosearch.database.sparsity import magnitude_prune
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import kl_divergence
-from evosearch.heal import (HealSettings, distillation_loss, heal, healing_windows, load_quantized, recover_grid,
+from evosearch.heal import (HealSettings, distillation_loss, heal, healing_windows, load_quantized,
                             search_draws, value_bits)
 from evosearch.pipeline import SearchSettings, is_dropped, run_search
 from evosearch.units import architecture
