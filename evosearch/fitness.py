@@ -15,10 +15,22 @@ candidate is done once:
   two or three units skip, on average, a third to a half of the model.
 
 Both are exact: the same arithmetic runs on the same inputs, only fewer times.
+
+On a GPU two more things cut the cost of a candidate without changing its value:
+
+- *CUDA graphs*: the run of blocks ``s``.. plus the head and the KL of one batch is
+  captured once per (batch, s) and then replayed. Weights are swapped in place, the
+  reference's block inputs live in fixed buffers, so every captured address stays valid
+  across candidates and generations. At a few thousand tokens a candidate is otherwise
+  bound by the ~20 kernel launches per block from Python, not by the GPU;
+- ``compile_blocks``: ``torch.compile`` of a block fuses its norms, rotary embedding,
+  activation and residual adds, which read and write the (tokens x hidden) activations
+  many times in eager mode. One compiled graph serves every block of the same shape.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 import torch
@@ -27,23 +39,34 @@ from evosearch.candidate import CandidateModel
 from evosearch.database.build import capture_block_inputs, run_block
 from evosearch.evaluate import ROWS_PER_CHUNK, Teacher, default_batch_size, logits_from_hidden
 
+log = logging.getLogger("evosearch")
+
 
 class KLFitness:
     def __init__(self, candidate: CandidateModel, teacher: Teacher, batch_size: int | None = None,
-                 reuse_prefix: bool = True, compile_blocks: bool = False):
+                 reuse_prefix: bool = True, compile_blocks: bool = False, cuda_graphs: bool | None = None):
+        """``cuda_graphs``: None captures them where they can run (model and teacher on a GPU)."""
         self.candidate = candidate
         self.teacher = teacher
         self.model = candidate.model
         self.arch = candidate.arch
         self.batch_size = batch_size or default_batch_size(self.model)
         self.reuse_prefix = reuse_prefix
-        # torch.compile fuses a block's norms, rotary and activations; weights are swapped in place, so
-        # the compiled code stays valid for every candidate.
-        self._run_block = torch.compile(run_block, dynamic=False) if compile_blocks else run_block
+        self._run_block = _compiled(run_block) if compile_blocks else run_block
+        graphs_possible = candidate.device.type == "cuda" and _teacher_device(teacher) == candidate.device
+        if cuda_graphs and not graphs_possible:
+            log.info("CUDA graphs need the model and the teacher on one GPU: running without them")
+        self.cuda_graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs) and graphs_possible
         self.fidelities: list[int] | None = None  # set by the caller for multi-step selection
         self._block_of = {u: mu.block for u, mu in candidate.problem.model_units.items()}
-        self._inputs: dict[int, tuple[torch.Tensor, dict]] = {}  # batch start -> (block-0 input, block kwargs)
-        self._reference: tuple[dict, int, dict[int, list[torch.Tensor]]] | None = None
+        self._inputs: dict[tuple[int, int], tuple[torch.Tensor, dict]] = {}  # batch -> (block-0 input, kwargs)
+        # The reference run's input of every block (and the last block's output), per batch, in buffers
+        # that are written in place when the reference changes: captured graphs read them.
+        self._prefix: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._reference: tuple[dict, int] | None = None
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._warmed: set[tuple[int, int, int]] = set()
+        self._graph_pool = None
 
     @property
     def max_fidelity(self) -> int:
@@ -84,20 +107,54 @@ class KLFitness:
         return self._inputs[key]
 
     def _kl(self, n_sequences: int, start_block: int) -> float:
-        """Run blocks ``start_block``.. on every batch (from the reference's cached inputs when
-        ``start_block`` > 0), then the head, and sum KL(teacher || model) in row chunks."""
-        device = self.candidate.device
-        total = torch.zeros((), device=device, dtype=torch.float64)
-        blocks = self.arch.blocks
-        for i, start in enumerate(self._batches(n_sequences)):
-            stop = min(start + self.batch_size, n_sequences)
-            hidden, kwargs = self._block_inputs(start, stop)
-            if start_block > 0:
-                hidden = self._reference[2][start_block][i]
-            for b in range(start_block, len(blocks)):
-                hidden = self._run_block(blocks[b], hidden, kwargs)
-            total += self._head_kl(hidden, start)
+        """Mean KL over the first ``n_sequences`` sequences, running blocks ``start_block``.. (from
+        the reference's cached inputs when ``start_block`` > 0)."""
+        total = torch.zeros((), device=self.candidate.device, dtype=torch.float64)
+        for start in self._batches(n_sequences):
+            total += self._batch_kl(start, min(start + self.batch_size, n_sequences), start_block)
         return total.item() / (n_sequences * self.teacher.sequence_length)
+
+    def _batch_kl(self, start: int, stop: int, start_block: int) -> torch.Tensor:
+        """Summed KL on sequences [start, stop): by replaying a CUDA graph where one is captured.
+
+        A (batch, start block) runs eagerly the first time (which also warms up cuBLAS, Triton
+        and any compiled code) and is captured the second time, when it has proved to recur."""
+        key = (start, stop, start_block)
+        if key in self._graphs:
+            graph, total = self._graphs[key]
+            graph.replay()
+            return total
+        if not self.cuda_graphs or key not in self._warmed:
+            self._warmed.add(key)
+            return self._run_suffix(start, stop, start_block)
+        return self._capture(key)
+
+    def _run_suffix(self, start: int, stop: int, start_block: int) -> torch.Tensor:
+        blocks = self.arch.blocks
+        hidden, kwargs = self._block_inputs(start, stop)
+        if start_block > 0:
+            hidden = self._prefix[start, stop][start_block]
+        for b in range(start_block, len(blocks)):
+            hidden = self._run_block(blocks[b], hidden, kwargs)
+        return self._head_kl(hidden, start)
+
+    def _capture(self, key: tuple[int, int, int]) -> torch.Tensor:
+        """Capture the run of ``key`` into a CUDA graph (all graphs share one memory pool: they
+        never run concurrently, and each keeps only its scalar output), and replay it."""
+        try:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                total = self._run_suffix(*key)
+        except Exception as exc:  # an operation that cannot be captured: stay correct, just slower
+            log.warning("CUDA graph capture failed (%s: %s); the fitness runs without CUDA graphs",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.cuda_graphs = False
+            return self._run_suffix(*key)
+        self._graphs[key] = graph, total
+        graph.replay()
+        return total
 
     def _head_kl(self, hidden: torch.Tensor, first_sequence: int) -> torch.Tensor:
         hidden = self.arch.finish(hidden).reshape(-1, hidden.shape[-1])
@@ -112,21 +169,47 @@ class KLFitness:
         """The batch's consensus assignment, with every block's input cached for ``n_sequences``."""
         reference = {unit: Counter(a[unit] for a in assignments).most_common(1)[0][0] for unit in assignments[0]}
         # The same sequences in the same batches, so a candidate's prefix is bit-identical to its own full run.
-        if self._reference is not None and self._reference[:2] == (reference, n_sequences):
+        if self._reference == (reference, n_sequences):
             return reference
         self.candidate.apply(reference)
-        depth = len(self.arch.blocks)
-        cached: dict[int, list[torch.Tensor]] = {b: [] for b in range(depth + 1)}  # input of block b; depth: output
+        blocks = self.arch.blocks
         for start in self._batches(n_sequences):
-            hidden, kwargs = self._block_inputs(start, min(start + self.batch_size, n_sequences))
-            for b, block in enumerate(self.arch.blocks):
-                cached[b].append(hidden)
+            stop = min(start + self.batch_size, n_sequences)
+            hidden, kwargs = self._block_inputs(start, stop)
+            if (start, stop) not in self._prefix:  # index 0 is the block-0 input itself, which never changes
+                self._prefix[start, stop] = [hidden] + [torch.empty_like(hidden) for _ in blocks]
+            buffers = self._prefix[start, stop]
+            for b, block in enumerate(blocks):
                 hidden = self._run_block(block, hidden, kwargs)
-            cached[depth].append(hidden)
-        self._reference = (reference, n_sequences, cached)
+                buffers[b + 1].copy_(hidden)
+        self._reference = (reference, n_sequences)
         return reference
 
     def _first_difference(self, assignment: dict, reference: dict) -> int:
         """The first block whose units differ from the reference (the depth when none do)."""
         changed = [self._block_of[u] for u, level in assignment.items() if reference[u] != level]
         return min(changed, default=len(self.arch.blocks))
+
+
+def _teacher_device(teacher: Teacher) -> torch.device:
+    stored = teacher.logprobs if teacher.logprobs is not None else teacher.top_logprobs
+    return stored.device
+
+
+def _compiled(fn):
+    """``torch.compile(fn)``, falling back to ``fn`` (with a warning) if compiling fails."""
+    compiled = torch.compile(fn, dynamic=False)
+    state = {"fn": compiled}
+
+    def run(*args):
+        try:
+            return state["fn"](*args)
+        except Exception as exc:
+            if state["fn"] is fn:
+                raise
+            log.warning("torch.compile of the blocks failed (%s: %s); running them eagerly",
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            state["fn"] = fn
+            return fn(*args)
+
+    return run
