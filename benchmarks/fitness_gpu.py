@@ -3,19 +3,25 @@
 For the packaged model on one GPU this measures, in one run:
 
 - the ceilings: a large bf16 matrix product (FLOP/s) and a device-to-device copy (B/s);
-- the database build (SparseGPT at every level of the ``sparsity`` space);
+- the database builds: SparseGPT at every level of the ``sparsity`` space, GPTQ at every
+  bit-width of the ``quant`` space (``--no-gptq`` skips the latter);
 - time per candidate at 4K, 16K and 64K calibration tokens for the fast path (database on
   the GPU, in-place swaps of the changed units, block-by-block runs with prefix reuse,
-  chunked KL) and its breakdown (swap, forward, KL), against the roofline:
-  2 x parameters x tokens / matmul rate + one read of the teacher at copy bandwidth;
+  fused KL), in four variants: eager, CUDA graphs, ``torch.compile``'d blocks, both;
+  against the roofline: 2 x parameters x tokens / matmul rate + one read of the teacher at
+  copy bandwidth;
+- where the time goes at 64K tokens: GPU kernel time by kind (matrix products,
+  attention, KL, the rest), from the profiler, eager and compiled;
 - the simple reference loop: the whole candidate state loaded per candidate
-  (``load_state_dict`` from host memory), a plain forward, full-vocabulary fp32 KL;
-- agreement of the two (fp32 model, relative difference of the fitness values);
+  (``load_state_dict`` from host memory), a plain forward, full-vocabulary fp32 KL; per
+  candidate at 64K tokens, and per generation of EvoPress's multi-step selection
+  (16 offspring at 4K tokens, the best 8 at 16K, the best 2 and the parent at 64K);
+- agreement: fast vs simple in fp32, and each variant vs eager in bf16;
 - how well each fidelity ranks candidates (Spearman correlation with the 64K ranking and
   whether the 64K-best candidate survives), which is what multi-step selection relies on.
 
     python benchmarks/fitness_gpu.py --device cuda --out fitness.md
-    python benchmarks/fitness_gpu.py --device cpu --tiny          # a smoke test on a CPU
+    python benchmarks/fitness_gpu.py --device cpu --tiny --no-gptq   # a smoke test on a CPU
 """
 
 from __future__ import annotations
@@ -39,10 +45,14 @@ from evosearch.compression import CompressionSpace  # noqa: E402
 from evosearch.data import load_corpus  # noqa: E402
 from evosearch.database.build import build_database  # noqa: E402
 from evosearch.database.store import Database  # noqa: E402
-from evosearch.evaluate import Teacher, hidden_states, logits_from_hidden  # noqa: E402
+from evosearch.evaluate import Teacher, hidden_states  # noqa: E402
 from evosearch.fitness import KLFitness  # noqa: E402
 from evosearch.model import load_model  # noqa: E402
 from evosearch.units import architecture  # noqa: E402
+
+VARIANTS = {"eager": {"cuda_graphs": False}, "CUDA graphs": {"cuda_graphs": True},
+            "compiled": {"compile_blocks": True, "cuda_graphs": False},
+            "compiled + CUDA graphs": {"compile_blocks": True, "cuda_graphs": True}}
 
 
 class Timer:
@@ -79,10 +89,10 @@ def ceilings(device: torch.device, tiny: bool) -> tuple[float, float]:
     return flops, bandwidth
 
 
-def offspring(problem, rng: np.random.Generator, count: int) -> list[dict]:
-    """EvoPress-like children of the uniform assignment: one to three level switches each."""
+def offspring(problem, rng: np.random.Generator, count: int, parent: dict | None = None) -> list[dict]:
+    """EvoPress-like children of ``parent`` (default: uniform): one to three level switches each."""
     space = problem.space
-    parent = {u.name: 0 for u in space.units}
+    parent = parent or {u.name: 0 for u in space.units}
     children = []
     while len(children) < count:
         child = dict(parent)
@@ -111,6 +121,42 @@ def reference_kl(model, teacher: Teacher, tokens: int, batch_size: int) -> float
     return total / (n * teacher.sequence_length)
 
 
+def staged_generation(fitness: KLFitness, children: list[dict], parent: dict, stages) -> None:
+    """One generation of multi-step selection: score, keep the best, score them on more tokens."""
+    candidates = children
+    for i, (tokens, survivors) in enumerate(stages):
+        if i == len(stages) - 1:
+            candidates = [parent, *candidates]
+        values = fitness.evaluate_batch(candidates, tokens)
+        candidates = [candidates[j] for j in np.argsort(values)[:survivors]]
+
+
+def kernel_breakdown(fn, device: torch.device) -> dict[str, float]:
+    """GPU time (s) of one call of ``fn`` by kind of kernel, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize(device)
+    kinds = {"matrix products": ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "cublas", "sm90_", "_mm_"),
+             "attention": ("flash", "fmha", "attention", "cudnn", "efficient"), "KL": ("_kl_rows",)}
+    totals = dict.fromkeys([*kinds, "the rest (norms, rotary, activations, copies)"], 0.0)
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if not us or event.key.startswith(("ProfilerStep", "cudaDeviceSynchronize")):
+            continue
+        name = event.key.lower()
+        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), None)
+        totals[kind or "the rest (norms, rotary, activations, copies)"] += us / 1e6
+    return totals
+
+
+def kilo(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens >= 1024 else str(tokens)
+
+
 def spearman(a, b) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -123,134 +169,193 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="small sizes: a smoke test on a CPU")
     parser.add_argument("--candidates", type=int, default=16)
     parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--json", default=None, help="write the measurements here as JSON")
     parser.add_argument("--database", default=None)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
+    parser.add_argument("--no-gptq", action="store_true", help="skip the GPTQ database build")
     args = parser.parse_args()
     device = torch.device(args.device)
     tiny = args.tiny
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
+    timer = Timer(device)
 
     length = 128 if tiny else 2048
     token_counts = [256, 512, 1024] if tiny else [4096, 16384, 65536]
-    rows = []
+    top = token_counts[-1]
+    rows: list[tuple[str, str]] = []
+    out = Path(args.out) if args.out else None
+
+    def row(name: str, value: str) -> None:  # written as it goes: a cut-off run still leaves its table
+        rows.append((name, value))
+        print(f"{name}: {value}", file=sys.stderr)
+        if out:
+            out.write_text(table(rows, args, device, tiny, length))
 
     flops, bandwidth = ceilings(device, tiny)
-    rows.append(("ceiling: matmul", f"{flops / 1e12:.1f} TFLOP/s"))
-    rows.append(("ceiling: copy (read + write)", f"{bandwidth / 1e12:.2f} TB/s"))
-    print("ceilings measured", file=sys.stderr)
+    row("ceiling: matmul", f"{flops / 1e12:.1f} TFLOP/s")
+    row("ceiling: copy (read + write)", f"{bandwidth / 1e12:.2f} TB/s")
 
     model, tokenizer = load_model(args.model, device=device, dtype="bf16" if device.type == "cuda" else "fp32")
     arch = architecture(model)
     corpus = load_corpus(None, tokenizer)
     problem = CompressionSpace.load("sparsity").materialize(arch, 0.5)
-    timer = Timer(device)
     database = Database(args.database or None)
     calibration = corpus.calibration_sequences(4 if tiny else 64, length, seed=0)
     seconds = timer(lambda: build_database(model, arch, problem, database, calibration, batch_size=8,
                                            progress=False))
     levels = sum(len(k) for k in problem.keys.values())
-    rows.append((f"database: SparseGPT, {levels} (layer, level) entries, {len(calibration) * length} tokens",
-                 f"{seconds:.1f} s"))
-    print(f"database built in {seconds:.0f} s", file=sys.stderr)
+    row(f"database: SparseGPT, {levels} (layer, level) entries, {len(calibration) * length} tokens", f"{seconds:.1f} s")
 
-    sequences = corpus.calibration_sequences(max(token_counts) // length, length, seed=1)
+    sequences = corpus.calibration_sequences(top // length, length, seed=1)
     teacher = Teacher.build(model, sequences, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                             progress=False)
     candidate = CandidateModel(model, arch, problem, database)
     held = candidate.preload()
-    rows.append(("database entries held on the device", f"{held / 2**30:.2f} GiB"))
+    row("database entries held on the device", f"{held / 2**30:.2f} GiB")
     batch = 8 if tiny else 32
-    fitness = KLFitness(candidate, teacher, batch_size=batch)
     params = model.num_parameters()
+    parent = {u.name: 0 for u in problem.space.units}
     children = offspring(problem, rng, args.candidates)
 
-    for tokens in token_counts:
-        fitness.evaluate_batch(children[:2], tokens)  # warm-up
-        per_candidate = timer(lambda: fitness.evaluate_batch(children, tokens)) / len(children)
-        no_reuse = KLFitness(candidate, teacher, batch_size=batch, reuse_prefix=False)
-        no_reuse.evaluate_batch(children[:1], tokens)
-        plain = timer(lambda: no_reuse.evaluate_batch(children, tokens)) / len(children)
-        # breakdown on one candidate without prefix reuse
-        swap = statistics.median(timer(lambda c=c: (candidate.apply(c), candidate.apply(children[0])))
-                                 for c in children[1:6]) / 2
-        ids = teacher.sequences[: -(-tokens // length)].to(device)
-        forward = timer(lambda: [hidden_states(model, ids[i : i + batch]) for i in range(0, len(ids), batch)])
-        kl_only = plain - forward - swap
-        roofline = 2 * params * tokens / flops + teacher.logprobs[:tokens].numel() * 2 / bandwidth
-        rows.append((f"{tokens // 1024}K tokens: fast path per candidate (prefix reuse, batch of {len(children)})",
-                     f"{per_candidate * 1e3:.1f} ms = {roofline / per_candidate:.0%} of roofline {roofline * 1e3:.1f} ms"))
-        rows.append((f"{tokens // 1024}K tokens: without prefix reuse", f"{plain * 1e3:.1f} ms"))
-        rows.append((f"{tokens // 1024}K tokens: breakdown swap / forward / head+KL",
-                     f"{swap * 1e3:.2f} / {forward * 1e3:.1f} / {kl_only * 1e3:.1f} ms"))
-        print(f"{tokens} tokens measured", file=sys.stderr)
-        if tokens == token_counts[-1] or tiny:
-            host_states = []
-            for c in children[:3]:
-                candidate.apply(c)
-                host_states.append({k: v.to("cpu", copy=True) for k, v in model.state_dict().items()})
+    def roofline(tokens: int) -> float:
+        return 2 * params * tokens / flops + teacher.logprobs[:tokens].numel() * 2 / bandwidth
 
-            def simple_loop():
-                for state in host_states:
-                    model.load_state_dict(state)
-                    reference_kl(model, teacher, tokens, batch)
-
-            simple = timer(simple_loop) / len(host_states)
-            rows.append((f"{tokens // 1024}K tokens: simple reference loop per candidate",
-                         f"{simple * 1e3:.1f} ms ({simple / per_candidate:.1f}x slower than the fast path)"))
-
-    # torch.compile of the blocks: does fusing the elementwise work pay at the largest size?
-    tokens = token_counts[-1]
-    try:
-        if args.no_compile:
-            raise RuntimeError("skipped (--no-compile)")
-        compiled = KLFitness(candidate, teacher, batch_size=batch, compile_blocks=True)
+    # The fast path in each variant. Every batch is run twice first: graphs are captured on a
+    # (batch, start block)'s second run, and compiled code on its first; then timed.
+    variants = {"eager": VARIANTS["eager"]} if device.type != "cuda" else dict(VARIANTS)
+    if args.no_compile:
+        variants = {k: v for k, v in variants.items() if "compile_blocks" not in v}
+    per_candidate: dict[tuple[str, int], float] = {}
+    values: dict[str, list[float]] = {}
+    fitnesses: dict[str, KLFitness] = {}
+    for name, options in variants.items():
+        fitness = fitnesses[name] = KLFitness(candidate, teacher, batch_size=batch, **options)
         start = time.perf_counter()
-        warm = compiled.evaluate_batch(children[:2], tokens)
-        compile_seconds = time.perf_counter() - start
-        per_compiled = timer(lambda: compiled.evaluate_batch(children, tokens)) / len(children)
-        same = max(abs(a - b) / b for a, b in zip(warm, fitness.evaluate_batch(children[:2], tokens)))
-        rows.append((f"{tokens // 1024}K tokens: fast path with torch.compile'd blocks",
-                     f"{per_compiled * 1e3:.1f} ms per candidate (compile + warm-up {compile_seconds:.0f} s; "
-                     f"values within {same:.1e} of eager)"))
-    except Exception as exc:  # compilation support varies across torch/transformers versions
-        rows.append((f"{tokens // 1024}K tokens: torch.compile'd blocks", f"failed: {type(exc).__name__}: "
-                     f"{str(exc).splitlines()[0][:120]}"))
+        for tokens in token_counts:
+            for _ in range(2):
+                fitness.evaluate_batch(children, tokens)
+        warm = time.perf_counter() - start
+        for tokens in token_counts:
+            per_candidate[name, tokens] = timer(lambda: fitness.evaluate_batch(children, tokens)) / len(children)
+        values[name] = fitness.evaluate_batch(children, top)
+        agreement = max(abs(a - b) / b for a, b in zip(values[name], values["eager"]))
+        times = " / ".join(f"{per_candidate[name, t] * 1e3:.1f}" for t in token_counts)
+        fractions = " / ".join(f"{roofline(t) / per_candidate[name, t]:.0%}" for t in token_counts)
+        row(f"fast path, {name}: ms per candidate at {' / '.join(f'{kilo(t)}' for t in token_counts)} tokens",
+            f"{times} ms = {fractions} of roofline (warm-up {warm:.0f} s; values within {agreement:.1e} of eager)")
+    best = min(variants, key=lambda name: per_candidate[name, top])
+    for tokens in token_counts:
+        row(f"{kilo(tokens)} tokens: roofline / best ({best})",
+            f"{roofline(tokens) * 1e3:.1f} / {per_candidate[best, tokens] * 1e3:.1f} ms "
+            f"= {roofline(tokens) / per_candidate[best, tokens]:.0%}")
 
-    # Agreement in fp32: the fast path against the simple loop on the same candidates.
+    # Where the time goes: no prefix reuse, one candidate, the whole model.
+    no_reuse = KLFitness(candidate, teacher, batch_size=batch, reuse_prefix=False, cuda_graphs=False)
+    no_reuse.evaluate_batch(children[:1], top)
+    plain = timer(lambda: no_reuse.evaluate_batch(children, top)) / len(children)
+    swap = statistics.median(timer(lambda c=c: (candidate.apply(c), candidate.apply(children[0])))
+                             for c in children[1:6]) / 2
+    ids = teacher.sequences[: -(-top // length)].to(device)
+    forward = timer(lambda: [hidden_states(model, ids[i : i + batch]) for i in range(0, len(ids), batch)])
+    row(f"{kilo(top)} tokens, eager, no prefix reuse: candidate / swap / forward / head+KL",
+        f"{plain * 1e3:.1f} / {swap * 1e3:.2f} / {forward * 1e3:.1f} / {(plain - forward - swap) * 1e3:.1f} ms")
+    if device.type == "cuda":
+        for name in [n for n in ("eager", "compiled") if n in variants]:
+            options = dict(VARIANTS[name], reuse_prefix=False)
+            whole = KLFitness(candidate, teacher, batch_size=batch, **options)
+            kinds = kernel_breakdown(lambda: whole.evaluate_batch(children[:1], top), device)
+            total = sum(kinds.values())
+            row(f"{kilo(top)} tokens, {name}, whole model: GPU time by kernel kind",
+                "; ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})" for k, v in kinds.items()))
+            if name == "eager":
+                linear_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2
+                                    and "embed" not in n) + model.get_output_embeddings().weight.numel()
+                rate = 2 * linear_params * top / kinds["matrix products"]
+                row("matrix products of the model's shapes (hidden 576), achieved", f"{rate / 1e12:.0f} TFLOP/s")
+
+    # The simple reference loop: per candidate at 64K tokens, and per generation of multi-step selection.
+    stages = [(token_counts[0], 8), (token_counts[1], 2), (token_counts[2], 1)]
+    simple: dict[int, float] = {}
+    for tokens in token_counts:
+        host_states = []
+        for c in children[:3]:
+            candidate.apply(c)
+            host_states.append({k: v.to("cpu", copy=True) for k, v in model.state_dict().items()})
+
+        def simple_loop(states=host_states, tokens=tokens):
+            for state in states:
+                model.load_state_dict(state)
+                reference_kl(model, teacher, tokens, batch)
+
+        simple[tokens] = timer(simple_loop) / len(host_states)
+    candidate.restore()
+    candidate.apply(parent)
+    row(f"{kilo(top)} tokens: simple reference loop per candidate",
+        f"{simple[top] * 1e3:.1f} ms = {simple[top] / per_candidate[best, top]:.1f}x the fast path ({best})")
+    evaluations = [(tokens, len(children) if i == 0 else stages[i - 1][1] + (i == len(stages) - 1))
+                   for i, (tokens, _) in enumerate(stages)]
+    simple_generation = sum(count * simple[tokens] for tokens, count in evaluations)
+    plan = ", ".join(f"{count} at {kilo(tokens)}" for tokens, count in evaluations)
+    for name in variants:
+        fitness = fitnesses[name]
+        generation = [offspring(problem, rng, len(children), parent) for _ in range(9)]
+        for kids in generation[:6]:  # some generations in, most (batch, start block) pairs have their graph
+            staged_generation(fitness, kids, parent, stages)
+        timed = iter(generation[6:])
+        fast_generation = timer(lambda f=fitness: staged_generation(f, next(timed), parent, stages), repeat=3)
+        row(f"one generation ({plan}), {name}",
+            f"{fast_generation * 1e3:.0f} ms; simple loop {simple_generation * 1e3:.0f} ms "
+            f"= {simple_generation / fast_generation:.1f}x")
+
+    # Agreement in fp32: the fast path (graphs where they run) against the simple loop.
     model32, _ = load_model(args.model, device=device, dtype="fp32")
     arch32 = architecture(model32)
     teacher32 = Teacher.build(model32, sequences[: (token_counts[0] // length)], progress=False)
     candidate32 = CandidateModel(model32, arch32, problem, database)
-    fast32 = KLFitness(candidate32, teacher32, batch_size=batch).evaluate_batch(children[:4], token_counts[0])
+    fast32 = KLFitness(candidate32, teacher32, batch_size=batch)
+    fast32.evaluate_batch(children[:4], token_counts[0])
+    fast32_values = fast32.evaluate_batch(children[:4], token_counts[0])
     simple32 = []
     for c in children[:4]:
         candidate32.apply(c)
         simple32.append(reference_kl(model32, teacher32, token_counts[0], batch))
-    worst = max(abs(a - b) / abs(b) for a, b in zip(fast32, simple32))
-    rows.append(("fp32 agreement, fast vs simple (max relative difference)", f"{worst:.2e}"))
-    del model32, teacher32, candidate32
+    worst = max(abs(a - b) / abs(b) for a, b in zip(fast32_values, simple32))
+    row("fp32 agreement, fast vs simple (max relative difference)", f"{worst:.2e}")
+    del model32, teacher32, candidate32, fast32
 
     # Fidelity: does a short evaluation rank candidates like the longest one?
+    fitness = fitnesses["eager"]
     scores = {tokens: fitness.evaluate_batch(children, tokens) for tokens in
               sorted({*token_counts, *(t // 2 for t in token_counts)})}
-    best = int(np.argmin(scores[max(token_counts)]))
-    for tokens, values in sorted(scores.items())[:-1]:
-        order = np.argsort(values)
-        rank_of_best = int(np.flatnonzero(order == best)[0]) + 1
-        rows.append((f"ranking at {tokens} tokens vs {max(token_counts)}: Spearman / rank of the true best",
-                     f"{spearman(values, scores[max(token_counts)]):.2f} / {rank_of_best} of {len(children)}"))
+    best_child = int(np.argmin(scores[top]))
+    for tokens, scored in sorted(scores.items())[:-1]:
+        rank = int(np.flatnonzero(np.argsort(scored) == best_child)[0]) + 1
+        row(f"ranking at {tokens} tokens vs {top}: Spearman / rank of the true best",
+            f"{spearman(scored, scores[top]):.2f} / {rank} of {len(children)}")
 
+    if not args.no_gptq:  # last: the slowest build, and a cut-off run keeps everything above
+        quant = CompressionSpace.load("quant").materialize(arch, 4.0)
+        entries = sum(len(k) for k in quant.keys.values())
+        seconds = timer(lambda: build_database(model, arch, quant, Database(None), calibration, batch_size=8,
+                                               progress=False))
+        row(f"database: GPTQ, {entries} (layer, bit-width) entries, {len(calibration) * length} tokens",
+            f"{seconds:.1f} s")
+
+    print(table(rows, args, device, tiny, length))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "per_candidate_ms": {
+            f"{k[0]} {k[1]}": v * 1e3 for k, v in per_candidate.items()}}, indent=1))
+
+
+def table(rows, args, device: torch.device, tiny: bool, length: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = (f"Fitness throughput, {name}, {date.today()}, torch {torch.__version__}, packaged model "
-              f"({params / 1e6:.1f}M parameters), sequences of {length} tokens, "
-              f"{len(children)} EvoPress-like offspring of the uniform 50% SparseGPT assignment.\n"
-              f"Command: `python benchmarks/fitness_gpu.py --device {args.device}{' --tiny' if tiny else ''}`\n")
-    table = header + "\n| measurement | value |\n| --- | --- |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
-    if args.out:
-        Path(args.out).write_text(table)
-    print(table)
-    print(json.dumps({"rows": rows}), file=sys.stderr)
+    flags = "".join(f" --{f}" for f in ("tiny", "no_compile", "no_gptq") if getattr(args, f))
+    header = (f"Fitness throughput, {name}, {date.today()}, torch {torch.__version__}, packaged model, "
+              f"sequences of {length} tokens, {args.candidates} EvoPress-like offspring of the uniform 50% "
+              f"SparseGPT assignment.\nCommand: `python benchmarks/fitness_gpu.py --device {args.device}"
+              f"{flags.replace('_', '-')}`\n")
+    return header + "\n| measurement | value |\n| --- | --- |\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelities", default="512,2048",
                    help="calibration tokens per selection stage, increasing; the last is the full fitness")
     p.add_argument("--top-k", type=int, default=None, help="keep only the teacher's top-k log-probabilities")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's blocks for the fitness (GPU: fuses norms and activations; "
+                        "compiling takes a minute or so, so it pays in long searches)")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity (default 8192)")
     p.add_argument("--database", default=None, help="database folder (default: in the cache)")
     p.add_argument("--storage", default=None,
@@ -283,7 +286,7 @@ def cmd_search(args) -> int:
             generations=args.generations, trials=args.trials, seed=args.seed, corpus=args.corpus,
             text_field=args.text_field, sequence_length=args.sequence_length,
             calibration_sequences=args.calibration_sequences, fidelities=fidelities, top_k=args.top_k,
-            eval_tokens=args.eval_tokens, device=args.device, dtype=args.dtype, database=args.database,
+            compile=args.compile, eval_tokens=args.eval_tokens, device=args.device, dtype=args.dtype, database=args.database,
             storage=args.storage, workers=args.workers,
             baselines=None if args.baselines is None else [b for b in args.baselines.split(",") if b])
     except ValidationError as exc:

@@ -78,6 +78,8 @@ class SearchSettings(BaseModel):
     fidelities: list[int] = Field(default_factory=lambda: [512, 2048],
                                   description="calibration tokens per selection stage (the last is the full fitness)")
     top_k: int | None = Field(None, ge=1, description="keep only the teacher's top-k log-probabilities")
+    compile: bool = Field(False, description="torch.compile the blocks for the fitness (fuses their elementwise "
+                                             "work; pays once a search runs longer than the compilation)")
     eval_tokens: int = Field(8192, ge=1)
     device: str | None = None
     dtype: str | None = None
@@ -143,7 +145,7 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     if candidate.device.type == "cuda":  # swaps become device-to-device copies
         free, _ = torch.cuda.mem_get_info(candidate.device)
         log.info("database on the GPU: %.2f GiB", candidate.preload(max_bytes=0.5 * free) / 2**30)
-    fitness = KLFitness(candidate, teacher)
+    fitness = KLFitness(candidate, teacher, compile_blocks=settings.compile)
     fitness.fidelities = sorted(settings.fidelities)
     # A space's sampler defaults (offspring...) are those of EvoPress, the default sampler; others take none of them.
     sampler_options = (dict(spec.sampler) if settings.sampler == "evopress" else {}) | settings.sampler_options
@@ -282,7 +284,8 @@ def worker_fitness(options: dict, device: str | None = None) -> KLFitness:
                              f"workers read the search's database: on another host, give them its folder "
                              f"(--database on a shared file system)")
     teacher = Teacher.build(model, fitness_tokens, top_k=settings.top_k, progress=False)
-    fitness = KLFitness(CandidateModel(model, arch, problem, database), teacher)
+    fitness = KLFitness(CandidateModel(model, arch, problem, database), teacher,
+                        compile_blocks=settings.compile)
     fitness.fidelities = sorted(settings.fidelities)
     return fitness
 

@@ -4,6 +4,8 @@
 #   bash benchmarks/device/phase.sh C      KL kernel, export latency, bit-width and width searches (5, 6, 7)
 #   bash benchmarks/device/phase.sh E      B and C's remainder at smaller settings
 #   bash benchmarks/device/phase.sh D      healing of B's results, workers on one GPU (9, 11)
+#   bash benchmarks/device/phase.sh F      the GPU tests, fitness throughput with CUDA graphs and compile (6)
+#   bash benchmarks/device/phase.sh G      workers 1/2/4 on the GPU, every export's latency (9, 7)
 # Tables and logs go to $OUT; benchmarks that append to benchmarks/RESULTS.md do so in this
 # copy, which comes back as $OUT/RESULTS.md. B's searches stay in /tmp/runs for D.
 phase=$1
@@ -61,6 +63,18 @@ E)  # what B and C left out: the remaining LLM searches (fewer generations) and 
   summarise
   step export-inputs 40 python3 benchmarks/export_latency.py --write-inputs /tmp/bench-inputs
   step export 190 python3 benchmarks/export_latency.py --model /tmp/bench-inputs/model \
+    --tokens /tmp/bench-inputs/tokens.npy --device cuda --work /tmp/exports --repeats 3 --new-tokens 32 \
+    --generations 4 --out "$OUT/export.md"
+  ;;
+F)
+  step gpu-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_fitness.py tests/test_kernels.py
+  step fitness 420 python3 benchmarks/fitness_gpu.py --device cuda --out "$OUT/fitness.md" --json "$OUT/fitness.json"
+  ;;
+G)
+  step workers 300 python3 benchmarks/workers.py --workers 1,2,4 --generations 10
+  cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  step export-inputs 40 python3 benchmarks/export_latency.py --write-inputs /tmp/bench-inputs
+  step export 200 python3 benchmarks/export_latency.py --model /tmp/bench-inputs/model \
     --tokens /tmp/bench-inputs/tokens.npy --device cuda --work /tmp/exports --repeats 3 --new-tokens 32 \
     --generations 4 --out "$OUT/export.md"
   ;;
