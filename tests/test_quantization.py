@@ -85,6 +85,43 @@ def test_gptq_setup_reused_across_formats_matches_fresh_setup(layer):
             assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
 
 
+def random_layer(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random weight and a random SPD Hessian with correlated inputs."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * cols, cols, generator=g) @ torch.randn(cols, cols, generator=g) / cols**0.5
+    return 0.05 * torch.randn(rows, cols, generator=g), X.T @ X / len(X)
+
+
+def assert_same(a, b):
+    assert a.fmt == b.fmt and a.dtype == b.dtype
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_quantize_many_is_quantize_per_format(act_order, group_size, masked, symmetric):
+    # 97 rows, 300 columns: no shape a stacked sweep could get right by luck of alignment.
+    W, H = random_layer(97, 300)
+    keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) > 0.5 if masked else None
+    fmts = [QuantFormat(bits, group_size, symmetric) for bits in (2, 3, 4, 5, 6)]
+    gptq = GPTQ(W, H, act_order=act_order)
+    for fmt, many in zip(fmts, gptq.quantize_many(fmts, keep), strict=True):
+        assert_same(many, gptq.quantize(fmt, keep))
+        if masked:
+            assert (many.dequantize()[~keep] == 0).all()
+
+
+def test_quantize_many_groups_formats_that_cannot_share_a_sweep():
+    W, H = random_layer(40, 200, seed=2)
+    fmts = [QuantFormat(4, 64), QuantFormat(3, None), QuantFormat(2, 64), QuantFormat(4, 64, True), QuantFormat(4, 64)]
+    gptq = GPTQ(W, H)
+    for fmt, many in zip(fmts, gptq.quantize_many(fmts), strict=True):
+        assert_same(many, gptq.quantize(fmt))
+    assert gptq.quantize_many([]) == []
+
+
 def test_act_order_keeps_groups_contiguous_in_original_order(layer):
     # Static groups are fitted on the original W, so their grids are RTN's grids.
     W, h, _ = layer

@@ -192,7 +192,7 @@ def _compress_unit(comp: SparsitySpace, weight: torch.Tensor, hessian: Hessian, 
 def _quantize_unit(comp: QuantizationSpace, weight: torch.Tensor, hessian: Hessian, unit: str, keys: list[str],
                    database: Database) -> None:
     """Every missing level of one linear layer: pruned first (joint levels), then quantised at
-    each bit-width, with the pruned weights kept at zero; GPTQ is set up once per pruned weight."""
+    each bit-width, with the pruned weights kept at zero; GPTQ sweeps all bit-widths at once."""
     by_zeros = defaultdict(list)  # zeros -> [(key, bits)]
     for key in keys:
         zeros, bits = parse_quant_key(key)
@@ -203,10 +203,12 @@ def _quantize_unit(comp: QuantizationSpace, weight: torch.Tensor, hessian: Hessi
     for zeros, levels in by_zeros.items():
         W = pruned[zeros]
         keep = W != 0 if zeros else None  # the pruning mask
-        gptq = GPTQ(W, hessian.H, act_order=comp.act_order) if comp.method == "gptq" else None
-        for key, bits in levels:
-            # Round-to-nearest maps a zero to the zero point, so it keeps zeros with no mask.
-            q = gptq.quantize(comp.format(bits), keep) if gptq else rtn_quantize(W, comp.format(bits))
+        fmts = [comp.format(bits) for _, bits in levels]
+        if comp.method == "gptq":  # every bit-width in one sweep
+            quantized = GPTQ(W, hessian.H, act_order=comp.act_order).quantize_many(fmts, keep)
+        else:  # round-to-nearest maps a zero to the zero point, so it keeps zeros with no mask
+            quantized = [rtn_quantize(W, fmt) for fmt in fmts]
+        for (key, _), q in zip(levels, quantized):
             database.put(unit, key, {f"{unit}.weight": q.dequantize()})
 
 

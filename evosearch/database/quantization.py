@@ -39,6 +39,7 @@ moves a dequantised weight by at most 2^-11 of its value.
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -118,24 +119,28 @@ def distinct_per_group(W: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return (ordered[:, :, 1:] != ordered[:, :, :-1]).sum(dim=2) + 1
 
 
-def _fit_grid(xmin: torch.Tensor, xmax: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero (float, integral) of the grid covering [xmin, xmax] (widened to 0)."""
+def _fit_grid(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int | torch.Tensor,
+              symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero (float, integral) of the grid covering [xmin, xmax] (widened to 0);
+    ``maxq``: the largest code, one number or a tensor broadcast against xmin (GPTQ's
+    sweep stacks formats along the rows, each row with its own)."""
     xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
-    if fmt.symmetric:
+    if symmetric:
         xmax = torch.maximum(-xmin, xmax)
         xmin = -xmax
     flat = xmax == xmin  # an all-zero group: any positive scale represents it exactly
     xmin, xmax = xmin.masked_fill(flat, -1.0), xmax.masked_fill(flat, 1.0)
-    scale = (xmax - xmin) / fmt.maxq
-    if fmt.symmetric:
-        zero = torch.full_like(scale, (fmt.maxq + 1) // 2)
+    scale = (xmax - xmin) / maxq
+    if symmetric:
+        zero = torch.zeros_like(scale) + (maxq + 1) // 2
     else:
         zero = torch.round(-xmin / scale)
     return scale, zero
 
 
-def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int | torch.Tensor) -> torch.Tensor:
+    # Two clamps: torch.clamp takes a tensor bound only with a tensor for the other one too.
+    return (torch.round(w / scale) + zero).clamp_(min=0).clamp_(max=maxq)
 
 
 def rtn_quantize(W: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
@@ -147,7 +152,7 @@ def rtn_quantize(W: torch.Tensor, fmt: QuantFormat) -> QuantizedWeight:
     empty = torch.zeros(W.shape[0], int(g[-1]) + 1, device=W.device)
     xmin = empty.scatter_reduce(1, idx, Wf, "amin")
     xmax = empty.scatter_reduce(1, idx, Wf, "amax")
-    scale, zero = _fit_grid(xmin, xmax, fmt)
+    scale, zero = _fit_grid(xmin, xmax, fmt.maxq, fmt.symmetric)
     codes = _codes(Wf, scale[:, g], zero[:, g], fmt.maxq)
     return QuantizedWeight(codes.to(torch.uint8), scale, zero.to(torch.uint8), fmt, W.dtype)
 
@@ -162,6 +167,7 @@ class GPTQ:
     ``quantize`` runs the blocked sweep: each column is rounded to its group's grid and
     its error, scaled by 1 / Hinv_ii, is spread over the block's later columns through
     row i of Hinv; the block's errors update all later columns in one matrix product.
+    ``quantize_many`` runs one sweep for several formats, with the same results.
 
     Group grids. Without act_order a group's grid is fitted when the sweep reaches its
     first column, on the weights as updated so far (the reference's default); blocks
@@ -190,53 +196,95 @@ class GPTQ:
 
     def quantize(self, fmt: QuantFormat, keep: torch.Tensor | None = None) -> QuantizedWeight:
         """The sweep in ``fmt``; ``keep`` (bool, W's shape): the weights allowed to be non-zero."""
-        W, Hinv = self.W.clone(), self.Hinv
-        rows, cols = W.shape
+        return self.quantize_many([fmt], keep)[0]
+
+    def quantize_many(self, fmts: list[QuantFormat], keep: torch.Tensor | None = None) -> list[QuantizedWeight]:
+        """``quantize`` in each of ``fmts``, with the same results as one at a time: the
+        formats of one group size and grid type share one sweep."""
+        sweeps = defaultdict(list)  # (group_size, symmetric) -> positions in fmts
+        for position, fmt in enumerate(fmts):
+            sweeps[fmt.group_size, fmt.symmetric].append(position)
+        quantized = [None] * len(fmts)
+        for positions in sweeps.values():
+            for position, q in zip(positions, self._sweep([fmts[p] for p in positions], keep)):
+                quantized[position] = q
+        return quantized
+
+    def _sweep(self, fmts: list[QuantFormat], keep: torch.Tensor | None) -> list[QuantizedWeight]:
+        """The blocked sweep for formats of one group size and grid type.
+
+        Rows are independent given Hinv (a row's updates use only Hinv and that row's own
+        errors; grids are per row and group), so one copy of W per format is stacked along
+        the rows and swept at once, each copy clamped to its own format's largest code:
+        the sweep's many small per-column steps run once for all formats.
+        """
+        fmt = fmts[0]  # the group size and grid type of all
+        rows, cols = self.W.shape
+        stacked = len(fmts) * rows
+        W, Hinv = self.W.repeat(len(fmts), 1), self.Hinv
+        maxq = torch.tensor([f.maxq for f in fmts], dtype=W.dtype, device=W.device).repeat_interleave(rows)
         if keep is not None:
             keep = keep.to(W.device) if self.perm is None else keep.to(W.device)[:, self.perm]
+            keep = keep.repeat(len(fmts), 1)
         g = fmt.group_index(cols, W.device)
         col_group = (g if self.perm is None else g[self.perm]).tolist()  # group of each swept column
+        groups = int(g[-1]) + 1
         static = self.perm is not None or fmt.group_size is None
-        scales = torch.empty(rows, int(g[-1]) + 1, device=W.device)
-        zeros = torch.empty_like(scales)
+        # The sweep goes column by column, so it holds columns as rows (contiguous): the
+        # block of W, its errors, the codes, grids and mask are all (columns, stacked rows).
         if static:
             idx = torch.as_tensor(col_group, device=W.device).expand_as(W)
-            empty = torch.zeros_like(scales)
+            empty = torch.zeros(stacked, groups, device=W.device)
             kept = W if keep is None else W * keep
-            scales, zeros = _fit_grid(
-                empty.scatter_reduce(1, idx, kept, "amin"), empty.scatter_reduce(1, idx, kept, "amax"), fmt
-            )
+            xmin, xmax = empty.scatter_reduce(1, idx, kept, "amin"), empty.scatter_reduce(1, idx, kept, "amax")
+            scales, zeros = _fit_grid(xmin.T, xmax.T, maxq, fmt.symmetric)
             bs = self.block_size
         else:
+            scales = torch.empty(groups, stacked, device=W.device)
+            zeros = torch.empty_like(scales)
             bs = fmt.group_size * max(1, self.block_size // fmt.group_size)
-        codes = torch.empty_like(W)
+        keep = None if keep is None else keep.T.contiguous()
+        codes = torch.empty(cols, stacked, dtype=torch.uint8, device=W.device)
+        # Reused by every block: fresh large tensors cost a page fault per page on a CPU.
+        block, errors, update = (torch.empty(min(bs, cols), stacked, device=W.device) for _ in range(3))
 
         for i1 in range(0, cols, bs):
             i2 = min(i1 + bs, cols)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
+            W1, Err1 = block[: i2 - i1], errors[: i2 - i1]
+            W1.copy_(W[:, i1:i2].T)
             Hinv1 = Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 j = col_group[i1 + i]
                 if not static and (i1 + i) % fmt.group_size == 0:
-                    group = W1[:, i : i + fmt.group_size]
+                    group = W1[i : i + fmt.group_size]
                     if keep is not None:
-                        group = group * keep[:, i1 + i : i1 + i + fmt.group_size]
-                    scales[:, j], zeros[:, j] = _fit_grid(group.amin(dim=1), group.amax(dim=1), fmt)
-                w = W1[:, i]
-                c = _codes(w, scales[:, j], zeros[:, j], fmt.maxq)
+                        group = group * keep[i1 + i : i1 + i + fmt.group_size]
+                    scales[j], zeros[j] = _fit_grid(group.amin(dim=0), group.amax(dim=0), maxq, fmt.symmetric)
+                w = W1[i]
+                c = _codes(w, scales[j], zeros[j], maxq)
                 if keep is not None:
-                    c = torch.where(keep[:, i1 + i], c, zeros[:, j])
-                q = scales[:, j] * (c - zeros[:, j])
-                err = (w - q) / Hinv1[i, i]
-                W1[:, i + 1 :] -= torch.outer(err, Hinv1[i, i + 1 :])
-                Err1[:, i] = err
-                codes[:, i1 + i] = c
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                    c = torch.where(keep[i1 + i], c, zeros[j])
+                q = scales[j] * (c - zeros[j])
+                err = torch.div(w - q, Hinv1[i, i], out=Err1[i])
+                W1[i + 1 :] -= torch.mul(Hinv1[i, i + 1 :, None], err, out=update[: i2 - i1 - i - 1])
+                codes[i1 + i] = c
+            # A matrix product's rounding may depend on its shape, so each copy gets the
+            # product it would get alone: a format's result does not depend on what
+            # shares its sweep.
+            Err1 = Err1.T.contiguous()
+            for r in range(0, stacked, rows):
+                W[r : r + rows, i2:] -= Err1[r : r + rows] @ Hinv[i1:i2, i2:]
 
         if self.perm is not None:
-            codes = codes[:, torch.argsort(self.perm)]
-        return QuantizedWeight(codes.to(torch.uint8), scales, zeros.to(torch.uint8), fmt, self.dtype)
+            codes = codes[torch.argsort(self.perm)]
+
+        def copy_of(t: torch.Tensor, k: int) -> torch.Tensor:  # the k-th copy's rows, as (rows, columns)
+            return t[:, k * rows : (k + 1) * rows].T.contiguous()
+
+        return [
+            QuantizedWeight(copy_of(codes, k), copy_of(scales, k), copy_of(zeros, k).to(torch.uint8), f, self.dtype)
+            for k, f in enumerate(fmts)
+        ]
 
 
 # --- from dequantised values back to codes (export packs them; healing trains on the grid) ------
