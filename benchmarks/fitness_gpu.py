@@ -131,8 +131,8 @@ def staged_generation(fitness: KLFitness, children: list[dict], parent: dict, st
         candidates = [candidates[j] for j in np.argsort(values)[:survivors]]
 
 
-def kernel_breakdown(fn, device: torch.device) -> dict[str, float]:
-    """GPU time (s) of one call of ``fn`` by kind of kernel, from the profiler."""
+def kernel_breakdown(fn, device: torch.device) -> tuple[dict[str, float], list[tuple[str, float]]]:
+    """GPU time (s) of one call of ``fn`` by kind of kernel, and the kernels taking the most, from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -140,17 +140,22 @@ def kernel_breakdown(fn, device: torch.device) -> dict[str, float]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
-    kinds = {"matrix products": ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "cublas", "sm90_", "_mm_"),
-             "attention": ("flash", "fmha", "attention", "cudnn", "efficient"), "KL": ("_kl_rows",)}
-    totals = dict.fromkeys([*kinds, "the rest (norms, rotary, activations, copies)"], 0.0)
+    # Attention first: cuDNN's and FlashAttention's kernel names also name the matrix instructions.
+    kinds = {"attention": ("flash", "fmha", "attention", "sdpa", "cudnn", "efficient"),
+             "matrix products": ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "cublas", "sm90_", "_mm_"),
+             "KL": ("_kl_rows",)}
+    rest = "the rest (norms, rotary, activations, copies)"
+    totals = dict.fromkeys([*kinds, rest], 0.0)
+    kernels = []
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         if not us or event.key.startswith(("ProfilerStep", "cudaDeviceSynchronize")):
             continue
         name = event.key.lower()
-        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), None)
-        totals[kind or "the rest (norms, rotary, activations, copies)"] += us / 1e6
-    return totals
+        kind = next((k for k, words in kinds.items() if any(w in name for w in words)), rest)
+        totals[kind] += us / 1e6
+        kernels.append((event.key, us / 1e6))
+    return totals, sorted(kernels, key=lambda k: -k[1])[:8]
 
 
 def kilo(tokens: int) -> str:
@@ -273,15 +278,20 @@ def main() -> None:
                 options = dict(VARIANTS[name], reuse_prefix=False)
                 whole = KLFitness(candidate, teacher, batch_size=batch, **options)
                 whole._run_block = fitnesses[name]._run_block  # the same compiled code, not a second compilation
-                kinds = kernel_breakdown(lambda: whole.evaluate_batch(children[:1], top), device)
+                kinds, kernels = kernel_breakdown(lambda: whole.evaluate_batch(children[:1], top), device)
                 total = sum(kinds.values())
                 row(f"{kilo(top)} tokens, {name}, whole model: GPU time by kernel kind",
                     "; ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})" for k, v in kinds.items()))
+                row(f"{kilo(top)} tokens, {name}: the kernels taking the most",
+                    "; ".join(f"`{k[:70]}` {v * 1e3:.1f} ms" for k, v in kernels).replace("|", "/"))
                 if name == "eager":
                     linear_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2
                                         and "embed" not in n) + model.get_output_embeddings().weight.numel()
+                    layers, width = model.config.num_hidden_layers, model.config.hidden_size
                     rate = 2 * linear_params * top / kinds["matrix products"]
-                    row("matrix products of the model's shapes (hidden 576), achieved", f"{rate / 1e12:.0f} TFLOP/s")
+                    causal = 2 * layers * length * width * top  # QK^T and PV, half of each under the causal mask
+                    row("achieved: linear layers and head / attention (causal FLOPs)",
+                        f"{rate / 1e12:.0f} / {causal / max(kinds['attention'], 1e-9) / 1e12:.0f} TFLOP/s")
     guarded(breakdown)
 
     # The simple reference loop: per candidate at 64K tokens, and per generation of multi-step selection.

@@ -6,6 +6,7 @@
 #   bash benchmarks/device/phase.sh D      healing of B's results, workers on one GPU (9, 11)
 #   bash benchmarks/device/phase.sh F      the GPU tests, fitness throughput with CUDA graphs and compile (6)
 #   bash benchmarks/device/phase.sh G      workers 1/2/4 on the GPU, every export's latency (9, 7)
+#   bash benchmarks/device/phase.sh H      every export again, 9 repetitions each (7)
 # Tables and logs go to $OUT; benchmarks that append to benchmarks/RESULTS.md do so in this
 # copy, which comes back as $OUT/RESULTS.md. B's searches stay in /tmp/runs for D.
 phase=$1
@@ -67,8 +68,14 @@ E)  # what B and C left out: the remaining LLM searches (fewer generations) and 
     --generations 4 --out "$OUT/export.md"
   ;;
 F)
-  step gpu-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_fitness.py tests/test_kernels.py
-  step fitness 420 python3 benchmarks/fitness_gpu.py --device cuda --out "$OUT/fitness.md" --json "$OUT/fitness.json"
+  step gpu-tests 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_fitness.py tests/test_kernels.py
+  step fitness 300 python3 benchmarks/fitness_gpu.py --device cuda --out "$OUT/fitness.md" --json "$OUT/fitness.json"
+  ;;
+H)  # the exports again, more repetitions
+  step export-inputs 40 python3 benchmarks/export_latency.py --write-inputs /tmp/bench-inputs
+  step export 200 python3 benchmarks/export_latency.py --model /tmp/bench-inputs/model \
+    --tokens /tmp/bench-inputs/tokens.npy --device cuda --work /tmp/exports --repeats 9 --new-tokens 32 \
+    --generations 4 --out "$OUT/export.md"
   ;;
 G)
   step workers 300 python3 benchmarks/workers.py --workers 1,2,4 --generations 10
