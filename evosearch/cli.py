@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelities", default="512,2048",
                    help="calibration tokens per selection stage, increasing; the last is the full fitness")
     p.add_argument("--top-k", type=int, default=None, help="keep only the teacher's top-k log-probabilities")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model's blocks for the fitness (GPU: fuses norms and activations; "
-                        "compiling takes a minute or so, so it pays in long searches)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model's blocks for the fitness: fuses norms and activations, about "
+                        "10 s per token count to compile (default: on a GPU)")
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens for perplexity (default 8192)")
     p.add_argument("--database", default=None, help="database folder (default: in the cache)")
     p.add_argument("--storage", default=None,
