@@ -1,6 +1,7 @@
 """Hardware tables: measured units as budget resources, and a prediction the export meets."""
 
 import copy
+import statistics
 
 import pytest
 import torch
@@ -86,12 +87,13 @@ def test_latency_budget_search_gives_an_export_whose_measured_latency_is_predict
     run_exporters(job)
     export_model(job, tmp_path / "out")
     exported, _ = load_exported(tmp_path / "out", device="cpu")
-    # A busy shared CPU: the two models are timed in turns, the fastest repetitions compared, and the prediction
-    # checked loosely (within 10% on the GPU: benchmarks/RESULTS.md).
+    # A busy shared CPU: the two models are timed in turns (the fastest repetitions of each turn), the turns'
+    # medians compared, since one turn can land in a quiet or a busy moment, and the prediction checked loosely
+    # (within 10% on the GPU: benchmarks/RESULTS.md).
     fastest = Timer(torch.device("cpu"), repeats=3, warmup=1, statistic=min)
     measured = {"dense": [], "export": []}
-    for _ in range(3):
+    for _ in range(5):
         for name, m in (("dense", dense_model), ("export", exported)):
             measured[name].append(measure_model(m, WORKLOAD, fastest)["decode_ms"])
-    ratio = min(measured["export"]) / min(measured["dense"])
+    ratio = statistics.median(measured["export"]) / statistics.median(measured["dense"])
     assert 0.6 < ratio / (predicted / table.predict(problem, dense)) < 1.4, (measured, predicted)
