@@ -62,8 +62,9 @@ Extending export to a compression kind
   model in memory holds their dequantised values);
 - add linear layer names to ``job.semi_structured`` (2:4 sparse weights).
 
-``unit_bytes`` is the one place that says how many bytes a unit takes at a level in the
-exported format; budgets on ``bytes`` and the hardware tables use it.
+``unit_bytes`` says how many bytes a unit takes at a level in the exported format (a
+packed weight's bytes are ``database.quantization.packed_bytes``, the one count of them);
+budgets on ``bytes`` and the hardware tables use it.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ from torch import nn
 
 from evosearch import __version__
 from evosearch.compression import NM_PATTERN, SearchProblem
-from evosearch.database.quantization import QuantFormat, QuantizedWeight
+from evosearch.database.quantization import QuantFormat, QuantizedWeight, packed_bytes
 from evosearch.database.store import Database
 from evosearch.errors import EvosearchError
 from evosearch.units import Architecture, ModelUnit, architecture
@@ -122,16 +123,6 @@ def quant_format(key: str) -> QuantFormat | None:
 def is_semi_structured(key: str) -> bool:
     match = NM_PATTERN.match(key)
     return bool(match) and (int(match[1]), int(match[2])) == (2, 4)
-
-
-def packed_bytes(shape: tuple[int, int], fmt: QuantFormat) -> int:
-    """Bytes of one packed weight: codes, float32 scales, zero points (asymmetric), shape."""
-    out, columns = shape
-    groups = 1 if fmt.group_size is None else math.ceil(columns / fmt.group_size)
-    total = 4 * out * qkernel.words_per_row(columns, fmt.bits) + 4 * out * groups + 8 * 2
-    if not fmt.symmetric:
-        total += 4 * qkernel.words_per_row(out, fmt.bits) * groups
-    return total
 
 
 def unit_bytes(arch: Architecture, unit: ModelUnit, key: str) -> int:

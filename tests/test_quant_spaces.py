@@ -48,17 +48,21 @@ def block0_hessian(model, arch, name, ids, batch_size=2) -> Hessian:
 
 def test_packed_bytes_by_hand():
     asym, sym = QuantFormat(3, 128), QuantFormat(3, 128, symmetric=True)
-    # 576 x 1536 at 3 bits: codes 576 * 576 bytes, 12 groups per row: 2-byte scales, 3-bit zeros (5 bytes a row)
-    assert packed_bytes((576, 1536), asym) == 576 * 576 + 576 * 12 * 2 + 576 * 5
-    assert packed_bytes((576, 1536), sym) == 576 * 576 + 576 * 12 * 2
+    # 576 x 1536 at 3 bits: 144 int32 words of codes a row, 12 groups a row: float32 scales,
+    # zero points packed along the 576 rows (54 words per group), the int64 shape
+    codes, scales, zeros = 576 * 144 * 4, 576 * 12 * 4, 54 * 12 * 4
+    assert packed_bytes((576, 1536), asym) == codes + scales + zeros + 16
+    assert packed_bytes((576, 1536), sym) == codes + scales + 16
     half = 576 * 1536 // 2
-    # half zero: bitmask (1 bit a weight) + 3-bit non-zeros beat 3 bits for every weight
-    assert packed_bytes((576, 1536), asym, half) == 576 * 192 + half * 3 // 8 + 576 * 12 * 2 + 576 * 5
+    # half zero: a uint8 bitmask (192 bytes a row) + the kept codes in one stream (3 bits each) win
+    assert packed_bytes((576, 1536), asym, half) == 576 * 192 + 4 * (half * 3 // 32) + scales + zeros + 16
     # 20% zero at 3 bits: the bitmask costs more than it saves, so the dense layout is kept
     assert packed_bytes((576, 1536), asym, int(0.8 * 576 * 1536)) == packed_bytes((576, 1536), asym)
-    # a ragged last group and one group per row
-    assert packed_bytes((3, 10), QuantFormat(3, 4)) == 3 * 4 + 3 * 3 * 2 + 3 * 2
-    assert packed_bytes((3, 10), QuantFormat(8, None)) == 3 * 10 + 3 * 2 + 3
+    # a ragged last group (3 per row), one group per row, words rounded up
+    assert packed_bytes((3, 10), QuantFormat(3, 4)) == 3 * 1 * 4 + 3 * 3 * 4 + 1 * 3 * 4 + 16
+    assert packed_bytes((3, 10), QuantFormat(8, None)) == 3 * 3 * 4 + 3 * 1 * 4 + 1 * 1 * 4 + 16
+    # 4 of 30 weights kept: 2 mask bytes a row and one word of codes beat 3 words
+    assert packed_bytes((3, 10), QuantFormat(3, 4), 4) == 3 * 2 + 1 * 4 + 3 * 3 * 4 + 1 * 3 * 4 + 16
 
 
 def test_distinct_per_group_counts_values_in_each_group():
