@@ -63,7 +63,10 @@ the mask written keeps at most the level's weights, so the space's count is an u
 bound and the bytes the search reports (which count the non-zeros) are exact.
 ``evosearch.json`` lists these layers under ``bitmask``; compressed-tensors cannot read
 them, so they are in the config's ``ignore`` (not its targets) and make ``vllm``
-unservable. ``load_exported`` expands them to dense codes and runs them like the others.
+unservable. Such an export's weights are written as ``evosearch-bitmask.safetensors``,
+so that ``from_pretrained`` stops with "no file named model.safetensors" rather than load
+the model with those layers missing. ``load_exported`` expands them to dense codes and runs
+them like the others.
 
 Extending export to a compression kind
 --------------------------------------
@@ -403,7 +406,7 @@ def export_model(job: ExportJob, out: str | Path, *, format: str = "hf", tokeniz
         parameters += tensor.numel()
     if parameters == 0:
         raise EvosearchError("nothing to export")
-    _save_tensors(tensors, out)
+    _save_tensors(tensors, out, evosearch_only=bool(bitmask))
     # Bitmask layers are evosearch's own layout: not compressed-tensors targets (it cannot read them).
     targets = {name: fmt for name, fmt in packed.items() if name not in bitmask}
     if targets:
@@ -442,10 +445,14 @@ def export_model(job: ExportJob, out: str | Path, *, format: str = "hf", tokeniz
     return ExportReport(out, format, len(structure.kept), parameters, tensor_bytes, full)
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], out: Path) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], out: Path, *, evosearch_only: bool = False) -> None:
+    """``model.safetensors`` (sharded past 5 GB); ``evosearch_only``: under another name, so that
+    ``from_pretrained`` refuses the folder (no weights file it knows) instead of initialising the
+    layers it cannot read at random."""
     from huggingface_hub import save_torch_state_dict
 
-    save_torch_state_dict(tensors, out, max_shard_size="5GB")
+    pattern = "evosearch-bitmask{suffix}.safetensors" if evosearch_only else "model{suffix}.safetensors"
+    save_torch_state_dict(tensors, out, filename_pattern=pattern, max_shard_size="5GB")
 
 
 def _linear_names(job: ExportJob, rename, exclude: set[str]) -> list[str]:

@@ -333,7 +333,12 @@ def test_joint_export_writes_what_packed_bytes_counts_and_bitmask_layers_reload_
     assert set(job.quantized) == set(problem.model_units) and set(job.bitmask) == sparse
     report = export_model(job, tmp_path / "packed", format="packed")
 
-    tensors = load_file(str(tmp_path / "packed" / "model.safetensors"))
+    # evosearch's own file name: from_pretrained refuses the folder rather than load it with layers missing
+    assert not (tmp_path / "packed" / "model.safetensors").exists()
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    tensors = load_file(str(tmp_path / "packed" / "evosearch-bitmask.safetensors"))
     comp = problem.spec.compression
     for unit in units:
         W, level = arch.module(unit.name).weight, unit.levels.index(assignment[unit.name])
