@@ -147,11 +147,14 @@ class SparsityQuantSpace(QuantizationSpace):
     Each layer is pruned (SparseGPT by default) to every sparsity, then each pruned
     weight is quantised to every bit-width with its zeros kept: GPTQ runs with the
     pruning mask fixed (see ``GPTQ``), and round-to-nearest keeps zeros because 0 is
-    on every grid. A level's cost is its packed bytes in the smaller of the dense and
-    the bitmask layout (``packed_bytes``); a (sparsity, bits) pair whose bitmask layout
-    saves nothing over the dense one (sparsity x bits <= 1) is left out, since the
-    denser level at the same bit-width costs the same. Levels are named like
-    ``50%@4bit`` and ordered by bytes, most first.
+    on every grid. A level's cost is the bytes ``--format packed`` writes for it
+    (``packed_bytes``): the smaller of the dense layout (every code, int32 words per row)
+    and the bitmask layout (a uint8 bitmask of the kept weights and their codes only, one
+    int32 bit stream), both with float32 scales, packed zero points and the shape. A
+    (sparsity, bits) pair whose bitmask layout is no smaller than the dense one in any
+    layer is left out (roughly sparsity x bits <= 1: the mask's bit per weight pays for
+    nothing), since the denser level at the same bit-width costs the same. Levels are
+    named like ``50%@4bit`` and ordered by bytes, most first.
     """
 
     kind: Literal["sparsity-quant"] = "sparsity-quant"
@@ -354,13 +357,20 @@ def parse_quant_key(key: str) -> tuple[int, int]:
     return int(fields.get("zeros", 0)), int(fields["bits"])
 
 
+def _bitmask_saves(linears, fmt: QuantFormat, sparsity: float) -> bool:
+    """Whether the bitmask layout at ``sparsity`` is smaller than the dense one in some layer."""
+    shapes = {tuple(u.shape) for u in linears}
+    return any(packed_bytes(shape, fmt, shape[0] * shape[1] - round(sparsity * shape[0] * shape[1]))
+               < packed_bytes(shape, fmt) for shape in shapes)
+
+
 def _quantization_problem(spec: CompressionSpace, comp: QuantizationSpace, arch: Architecture,
                           target: float) -> SearchProblem:
     """Levels are bit-widths (``QuantizationSpace``) or (sparsity, bits) pairs (``SparsityQuantSpace``)."""
     linears = arch.units("linear")
     joint = isinstance(comp, SparsityQuantSpace)
-    pairs = [(s, b) for s in comp.sparsity for b in comp.bits if s == 0 or s * b > 1] if joint else \
-        [(0.0, b) for b in comp.bits]
+    pairs = [(s, b) for s in comp.sparsity for b in comp.bits if s == 0 or _bitmask_saves(linears, comp.format(b), s)] \
+        if joint else [(0.0, b) for b in comp.bits]
     if joint:  # most bytes first, in the same order in every layer (costs per weight barely depend on shape)
         shape = linears[0].shape
         pairs.sort(key=lambda p: (-packed_bytes(shape, comp.format(p[1]), round((1 - p[0]) * shape[0] * shape[1])),

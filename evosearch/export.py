@@ -46,6 +46,28 @@ gate/up share a format and the blocks are plain Llama blocks; ``evosearch.json``
 whether that holds (``vllm``). ``load_exported(folder)`` keeps the codes packed and
 multiplies through the dequantising kernel in ``kernels/quant.py``.
 
+Bitmask layout (evosearch's own): a layer of the ``sparsity-quant`` space with zeros is
+written this way instead when it is smaller (``database.quantization.packed_bytes``
+counts both layouts, and the space's budget is that count):
+
+    L.weight_mask        uint8 (out, ceil(in / 8))           bit c % 8 of byte c // 8 of row r set where
+                                                              W[r, c] is kept
+    L.weight_packed      int32 (ceil(kept * bits / 32),)      the kept weights' codes in row-major order,
+                                                              one bit stream (``pack`` on a single row)
+
+plus the same ``weight_scale``, ``weight_zero_point`` and ``weight_shape``; a cleared bit
+is a zero weight (code = zero point). The mask export writes is the layer's non-zero
+weights: the database stores dequantised weights, in which a kept weight that rounded to
+its zero point is 0 like a pruned one, so the pruning mask itself cannot be told apart;
+the mask written keeps at most the level's weights, so the space's count is an upper
+bound and the bytes the search reports (which count the non-zeros) are exact.
+``evosearch.json`` lists these layers under ``bitmask``; compressed-tensors cannot read
+them, so they are in the config's ``ignore`` (not its targets) and make ``vllm``
+unservable. Such an export's weights are written as ``evosearch-bitmask.safetensors``,
+so that ``from_pretrained`` stops with "no file named model.safetensors" rather than load
+the model with those layers missing. ``load_exported`` expands them to dense codes and runs
+them like the others.
+
 Extending export to a compression kind
 --------------------------------------
 ``run_exporters`` calls ``EXPORTERS[problem.spec.compression.kind](job)`` (register with
@@ -62,8 +84,9 @@ Extending export to a compression kind
   model in memory holds their dequantised values);
 - add linear layer names to ``job.semi_structured`` (2:4 sparse weights).
 
-``unit_bytes`` is the one place that says how many bytes a unit takes at a level in the
-exported format; budgets on ``bytes`` and the hardware tables use it.
+``unit_bytes`` says how many bytes a unit takes at a level in the exported format (a
+packed weight's bytes are ``database.quantization.packed_bytes``, the one count of them);
+budgets on ``bytes`` and the hardware tables use it.
 """
 
 from __future__ import annotations
@@ -84,7 +107,7 @@ from torch import nn
 
 from evosearch import __version__
 from evosearch.compression import NM_PATTERN, SearchProblem
-from evosearch.database.quantization import QuantFormat, QuantizedWeight
+from evosearch.database.quantization import QuantFormat, QuantizedWeight, packed_bytes
 from evosearch.database.store import Database
 from evosearch.errors import EvosearchError
 from evosearch.units import Architecture, ModelUnit, architecture
@@ -122,16 +145,6 @@ def quant_format(key: str) -> QuantFormat | None:
 def is_semi_structured(key: str) -> bool:
     match = NM_PATTERN.match(key)
     return bool(match) and (int(match[1]), int(match[2])) == (2, 4)
-
-
-def packed_bytes(shape: tuple[int, int], fmt: QuantFormat) -> int:
-    """Bytes of one packed weight: codes, float32 scales, zero points (asymmetric), shape."""
-    out, columns = shape
-    groups = 1 if fmt.group_size is None else math.ceil(columns / fmt.group_size)
-    total = 4 * out * qkernel.words_per_row(columns, fmt.bits) + 4 * out * groups + 8 * 2
-    if not fmt.symmetric:
-        total += 4 * qkernel.words_per_row(out, fmt.bits) * groups
-    return total
 
 
 def unit_bytes(arch: Architecture, unit: ModelUnit, key: str) -> int:
@@ -181,6 +194,7 @@ class ExportJob:
     removed: set[str] = field(default_factory=set)  # block, attention or MLP unit names
     quantized: dict[str, QuantizedWeight] = field(default_factory=dict)  # linear name -> codes
     semi_structured: set[str] = field(default_factory=set)  # linear names with 2:4 sparse weights
+    bitmask: dict[str, torch.Tensor] = field(default_factory=dict)  # linear name -> kept weights (bitmask layout)
 
 
 Exporter = Callable[[ExportJob], None]
@@ -224,16 +238,25 @@ def _export_drop(job: ExportJob) -> None:
 def _export_quantization(job: ExportJob) -> None:
     """Quantised layers hold their dequantised values; the exact codes are recovered from the
     format's grid, so ``--format packed`` stores integer codes, scales and zero points. A layer
-    whose weights are off the grid (changed after the search) stays dense rather than be re-rounded."""
-    from evosearch.compression import parse_quant_key
+    whose weights are off the grid (changed after the search) stays dense rather than be re-rounded.
+    A joint (sparsity-quant) layer whose non-zeros make the bitmask layout smaller gets it."""
+    from evosearch.compression import SparsityQuantSpace, parse_quant_key
     from evosearch.database.quantization import recover_grid
 
     comp = job.problem.spec.compression
     for unit, level in job.assignment.items():
         _, bits = parse_quant_key(job.problem.key(unit, level))
-        grid, exact = recover_grid(job.arch.module(unit).weight, comp.format(bits))
+        weight = job.arch.module(unit).weight
+        grid, exact = recover_grid(weight, comp.format(bits))
         if exact.all():
             job.quantized[unit] = grid
+            # The non-zeros, not the pruning mask: the stored weights cannot tell a kept weight at
+            # its zero point from a pruned one (module docstring); on the grid, W != 0 iff code != zero.
+            keep = weight != 0
+            shape, kept = tuple(weight.shape), int(keep.sum())
+            joint = isinstance(comp, SparsityQuantSpace)
+            if joint and packed_bytes(shape, grid.fmt, kept) < packed_bytes(shape, grid.fmt):
+                job.bitmask[unit] = keep.cpu()
         else:
             log.warning("%s: %d of %d weight groups are off its %d-bit grid; it is written dense", unit,
                         int((~exact).sum()), exact.numel(), bits)
@@ -361,7 +384,7 @@ def export_model(job: ExportJob, out: str | Path, *, format: str = "hf", tokeniz
     rename = _renamer(job.arch, structure)
     tied = {"lm_head.weight"} if getattr(job.model.config, "tie_word_embeddings", False) else set()
 
-    tensors, parameters, packed = {}, 0, {}
+    tensors, parameters, packed, bitmask = {}, 0, {}, set()
     for name, tensor in job.model.state_dict().items():
         new = rename(name)
         if new is None or name in tied:
@@ -373,16 +396,23 @@ def export_model(job: ExportJob, out: str | Path, *, format: str = "hf", tokeniz
                 raise EvosearchError(f"quantised codes of {linear} have shape {tuple(qw.codes.shape)}, the layer "
                                      f"{tuple(tensor.shape)}")
             prefix = new.removesuffix(".weight")
-            tensors |= {f"{prefix}.{k}": v for k, v in pack_quantized(qw).items()}
+            keep = job.bitmask.get(linear)
+            tensors |= {f"{prefix}.{k}": v for k, v in pack_quantized(qw, keep).items()}
             packed[prefix] = qw.fmt
+            if keep is not None:
+                bitmask.add(prefix)
         else:
             tensors[new] = tensor.detach().to("cpu", copy=True).contiguous()
         parameters += tensor.numel()
     if parameters == 0:
         raise EvosearchError("nothing to export")
-    _save_tensors(tensors, out)
-    if packed:
-        config.quantization_config = compressed_tensors_config(packed, _linear_names(job, rename, set(packed)))
+    _save_tensors(tensors, out, evosearch_only=bool(bitmask))
+    # Bitmask layers are evosearch's own layout: not compressed-tensors targets (it cannot read them).
+    targets = {name: fmt for name, fmt in packed.items() if name not in bitmask}
+    if targets:
+        config.quantization_config = compressed_tensors_config(targets, _linear_names(job, rename, set(targets)))
+    if bitmask:
+        log.info("%d layers in the bitmask layout: only evosearch's load_exported reads them", len(bitmask))
     config.save_pretrained(out)
     if structure.heterogeneous:
         shutil.copyfile(Path(__file__).with_name(MODELING_FILE), out / MODELING_FILE)
@@ -402,10 +432,11 @@ def export_model(job: ExportJob, out: str | Path, *, format: str = "hf", tokeniz
         "removed": sorted(job.removed),
         "packed": {name: {"bits": f.bits, "group_size": f.group_size, "symmetric": f.symmetric}
                    for name, f in packed.items()},
+        "bitmask": sorted(bitmask),
         "semi_structured": sorted(names.values()),
         "parameters": parameters,
         "tensor_bytes": tensor_bytes,
-        "vllm": vllm_support(config, packed, structure),
+        "vllm": vllm_support(config, packed, structure, bitmask),
         "assignment": job.assignment,
     } | (record or {})
     (out / RECORD).write_text(json.dumps(full, indent=1, default=str))
@@ -414,10 +445,14 @@ def export_model(job: ExportJob, out: str | Path, *, format: str = "hf", tokeniz
     return ExportReport(out, format, len(structure.kept), parameters, tensor_bytes, full)
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], out: Path) -> None:
+def _save_tensors(tensors: dict[str, torch.Tensor], out: Path, *, evosearch_only: bool = False) -> None:
+    """``model.safetensors`` (sharded past 5 GB); ``evosearch_only``: under another name, so that
+    ``from_pretrained`` refuses the folder (no weights file it knows) instead of initialising the
+    layers it cannot read at random."""
     from huggingface_hub import save_torch_state_dict
 
-    save_torch_state_dict(tensors, out, max_shard_size="5GB")
+    pattern = "evosearch-bitmask{suffix}.safetensors" if evosearch_only else "model{suffix}.safetensors"
+    save_torch_state_dict(tensors, out, filename_pattern=pattern, max_shard_size="5GB")
 
 
 def _linear_names(job: ExportJob, rename, exclude: set[str]) -> list[str]:
@@ -431,15 +466,53 @@ def _linear_names(job: ExportJob, rename, exclude: set[str]) -> list[str]:
     return names
 
 
-def pack_quantized(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """The tensors of one packed layer (without the layer's name)."""
+def pack_quantized(qw: QuantizedWeight, keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one packed layer (without the layer's name); with ``keep`` (bool, the
+    codes' shape) in the bitmask layout, where every weight outside ``keep`` must be zero."""
     out, columns = qw.codes.shape
-    tensors = {"weight_packed": qkernel.pack(qw.codes.cpu(), qw.fmt.bits),
+    if keep is None:
+        codes = qkernel.pack(qw.codes.cpu(), qw.fmt.bits)
+    else:
+        codes = qkernel.pack(qw.codes.cpu()[keep.cpu()][None, :], qw.fmt.bits)[0]  # row-major, one stream
+    tensors = {"weight_packed": codes,
                "weight_scale": qw.scales.detach().to("cpu", torch.float32).contiguous(),
                "weight_shape": torch.tensor([out, columns], dtype=torch.int64)}
     if not qw.fmt.symmetric:
         tensors["weight_zero_point"] = qkernel.pack(qw.zeros.cpu().T.contiguous(), qw.fmt.bits).T.contiguous()
+    if keep is not None:
+        tensors["weight_mask"] = pack_mask(keep.cpu())
     return tensors
+
+
+MASK_BITS = torch.arange(8)  # bit c % 8 of a mask byte is column c
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """uint8 (rows, ceil(columns / 8)): bit c % 8 of byte c // 8 set where ``keep[r, c]``."""
+    rows, columns = keep.shape
+    padded = torch.nn.functional.pad(keep.to(torch.int32), (0, -columns % 8))
+    return (padded.reshape(rows, -1, 8) << MASK_BITS.to(torch.int32)).sum(dim=2).to(torch.uint8)
+
+
+def unpack_mask(mask: torch.Tensor, columns: int) -> torch.Tensor:
+    """The bool (rows, columns) that ``pack_mask`` packed."""
+    bits = (mask.to(torch.int32)[:, :, None] >> MASK_BITS.to(torch.int32)) & 1
+    return bits.reshape(mask.shape[0], -1)[:, :columns].bool()
+
+
+def expand_bitmask(tensors: dict[str, torch.Tensor], fmt: QuantFormat) -> torch.Tensor:
+    """Dense ``weight_packed`` (out, words) of a bitmask layer's tensors (names without the layer's):
+    the kept codes in place and the zero point wherever the mask is clear (a zero weight)."""
+    out, columns = tensors["weight_shape"].tolist()
+    keep = unpack_mask(tensors["weight_mask"], columns)
+    if fmt.symmetric:
+        zeros = torch.full((out, fmt.groups(columns)), 2 ** (fmt.bits - 1), dtype=torch.int64)
+    else:
+        zeros = qkernel.unpack(tensors["weight_zero_point"].T.contiguous(), fmt.bits, out).T
+    codes = zeros[:, fmt.group_index(columns)].clone()
+    kept = int(keep.sum())
+    codes[keep] = qkernel.unpack(tensors["weight_packed"][None, :], fmt.bits, kept)[0].to(codes.dtype)
+    return qkernel.pack(codes, fmt.bits)
 
 
 def compressed_tensors_config(packed: dict[str, QuantFormat], ignore: list[str]) -> dict:
@@ -460,11 +533,14 @@ def compressed_tensors_config(packed: dict[str, QuantFormat], ignore: list[str])
             "global_compression_ratio": None}
 
 
-def vllm_support(config, packed: dict[str, QuantFormat], structure: Structure) -> dict:
+def vllm_support(config, packed: dict[str, QuantFormat], structure: Structure,
+                 bitmask: set[str] = frozenset()) -> dict:
     """Whether vLLM can serve the export as written, and if not, why."""
     reasons = []
     if structure.heterogeneous:
         reasons.append("blocks differ (evosearch_llama); vLLM serves plain Llama blocks")
+    for name in sorted(bitmask):
+        reasons.append(f"{name}: evosearch's bitmask layout, which only load_exported reads")
     for name, fmt in sorted(packed.items()):
         if fmt.bits not in (4, 8) or fmt.group_size not in VLLM_GROUP_SIZES:
             reasons.append(f"{name}: {fmt.bits}-bit, group {fmt.group_size} (vLLM: 4 or 8 bits, group "
@@ -557,6 +633,12 @@ def load_exported(folder: str | Path, *, device: str | torch.device | None = Non
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
         state |= load_file(str(path))
+    for name in record.get("bitmask", []):  # to dense codes: the packed layer and its kernel run them
+        spec = record["packed"][name]
+        local = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+        state[f"{name}.weight_packed"] = expand_bitmask(local, QuantFormat(spec["bits"], spec["group_size"],
+                                                                           spec["symmetric"]))
+        del state[f"{name}.weight_mask"]
     target = dtype or next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     buffers = {name for name, _ in model.named_buffers()}
     state = {name: t if name in buffers or not t.is_floating_point() else t.to(target) for name, t in state.items()}

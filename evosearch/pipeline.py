@@ -419,8 +419,9 @@ def quantized_usage(arch, problem: SearchProblem, applied: dict[str, str]) -> di
 
     A layer's bit-width is taken from the applied format and verified: every group of
     its weights must hold at most 2^bits distinct values. Zeros are counted from the
-    weights, so a joint level's bytes are those of the weights as they are (rounding may
-    zero a few more than pruning did; the quantisation-only spaces store every weight).
+    weights, so a joint level's bytes are those of the weights as they are, which is the
+    bitmask export writes (rounding may zero a few more than pruning did, so this is at
+    most the level's count; the quantisation-only spaces store every weight).
     """
     comp = problem.spec.compression
     joint = isinstance(comp, SparsityQuantSpace)

@@ -12,7 +12,7 @@ from evosearch.candidate import CandidateModel
 from evosearch.compression import CompressionSpace, parse_quant_key
 from evosearch.database.build import build_database
 from evosearch.database.hessian import Hessian, layer_error
-from evosearch.database.quantization import (GPTQ, QuantFormat, distinct_per_group, packed_bytes,
+from evosearch.database.quantization import (GPTQ, QuantFormat, QuantizedWeight, distinct_per_group, packed_bytes,
                                              rtn_quantize)
 from evosearch.database.sparsity import magnitude_prune
 from evosearch.database.store import Database
@@ -48,17 +48,21 @@ def block0_hessian(model, arch, name, ids, batch_size=2) -> Hessian:
 
 def test_packed_bytes_by_hand():
     asym, sym = QuantFormat(3, 128), QuantFormat(3, 128, symmetric=True)
-    # 576 x 1536 at 3 bits: codes 576 * 576 bytes, 12 groups per row: 2-byte scales, 3-bit zeros (5 bytes a row)
-    assert packed_bytes((576, 1536), asym) == 576 * 576 + 576 * 12 * 2 + 576 * 5
-    assert packed_bytes((576, 1536), sym) == 576 * 576 + 576 * 12 * 2
+    # 576 x 1536 at 3 bits: 144 int32 words of codes a row, 12 groups a row: float32 scales,
+    # zero points packed along the 576 rows (54 words per group), the int64 shape
+    codes, scales, zeros = 576 * 144 * 4, 576 * 12 * 4, 54 * 12 * 4
+    assert packed_bytes((576, 1536), asym) == codes + scales + zeros + 16
+    assert packed_bytes((576, 1536), sym) == codes + scales + 16
     half = 576 * 1536 // 2
-    # half zero: bitmask (1 bit a weight) + 3-bit non-zeros beat 3 bits for every weight
-    assert packed_bytes((576, 1536), asym, half) == 576 * 192 + half * 3 // 8 + 576 * 12 * 2 + 576 * 5
+    # half zero: a uint8 bitmask (192 bytes a row) + the kept codes in one stream (3 bits each) win
+    assert packed_bytes((576, 1536), asym, half) == 576 * 192 + 4 * (half * 3 // 32) + scales + zeros + 16
     # 20% zero at 3 bits: the bitmask costs more than it saves, so the dense layout is kept
     assert packed_bytes((576, 1536), asym, int(0.8 * 576 * 1536)) == packed_bytes((576, 1536), asym)
-    # a ragged last group and one group per row
-    assert packed_bytes((3, 10), QuantFormat(3, 4)) == 3 * 4 + 3 * 3 * 2 + 3 * 2
-    assert packed_bytes((3, 10), QuantFormat(8, None)) == 3 * 10 + 3 * 2 + 3
+    # a ragged last group (3 per row), one group per row, words rounded up
+    assert packed_bytes((3, 10), QuantFormat(3, 4)) == 3 * 1 * 4 + 3 * 3 * 4 + 1 * 3 * 4 + 16
+    assert packed_bytes((3, 10), QuantFormat(8, None)) == 3 * 3 * 4 + 3 * 1 * 4 + 1 * 1 * 4 + 16
+    # 4 of 30 weights kept: 2 mask bytes a row and one word of codes beat 3 words
+    assert packed_bytes((3, 10), QuantFormat(3, 4), 4) == 3 * 2 + 1 * 4 + 3 * 3 * 4 + 1 * 3 * 4 + 16
 
 
 def test_distinct_per_group_counts_values_in_each_group():
@@ -301,3 +305,86 @@ def test_quant_search_end_to_end_on_the_packaged_model(real, tmp_path, capsys):
     from evosearch.heal import _format_records
 
     assert set(_format_records(report, architecture(real[0]))) == set(formats)  # heal accepts every record
+
+
+def test_joint_export_writes_what_packed_bytes_counts_and_bitmask_layers_reload_exactly(llama, tmp_path):
+    from safetensors.torch import load_file
+
+    from evosearch.export import ExportJob, expand_bitmask, export_model, load_exported, run_exporters, unpack_mask
+    from kernels.quant import pack
+
+    arch = architecture(llama)
+    problem = space("sparsity-quant", pruning="magnitude", method="rtn", group_size=16, sparsity=[0.0, 0.5],
+                    bits=[3, 4]).materialize(arch, 0.3)
+    database = Database()
+    build_database(llama, arch, problem, database, sequences(), batch_size=2, progress=False)
+    units = problem.space.units
+    levels = ["0%@4bit", "50%@4bit", "0%@3bit", "50%@3bit"]
+    assert set(units[0].levels) == set(levels)
+    assignment = {u.name: levels[i % 4] for i, u in enumerate(units)}  # dense and sparse levels mixed
+    candidate = CandidateModel(llama, arch, problem, database)
+    candidate.apply(assignment)
+    ids = sequences(2, 24, seed=4)
+    with torch.no_grad():
+        expected = llama(ids).logits
+    job = ExportJob(llama, arch, problem, assignment)
+    run_exporters(job)
+    sparse = {u.name for u in units if assignment[u.name].startswith("50%")}
+    assert set(job.quantized) == set(problem.model_units) and set(job.bitmask) == sparse
+    report = export_model(job, tmp_path / "packed", format="packed")
+
+    # evosearch's own file name: from_pretrained refuses the folder rather than load it with layers missing
+    assert not (tmp_path / "packed" / "model.safetensors").exists()
+    from transformers import AutoModelForCausalLM
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "packed")
+    tensors = load_file(str(tmp_path / "packed" / "evosearch-bitmask.safetensors"))
+    comp = problem.spec.compression
+    for unit in units:
+        W, level = arch.module(unit.name).weight, unit.levels.index(assignment[unit.name])
+        local = {k.removeprefix(f"{unit.name}."): v for k, v in tensors.items() if k.startswith(f"{unit.name}.")}
+        written = sum(t.numel() * t.element_size() for t in local.values())
+        fmt = comp.format(parse_quant_key(problem.keys[unit.name][level])[1])
+        kept = int(torch.count_nonzero(W))
+        assert written == packed_bytes(tuple(W.shape), fmt, kept)  # exactly what the mask written costs
+        assert written <= unit.resources["bytes"][level]  # the budget's count is an upper bound (any mask) ...
+        # ... and here exact: magnitude pruning keeps the largest weights, none of which round to zero
+        assert written == unit.resources["bytes"][level]
+        assert ("weight_mask" in local) == (unit.name in sparse)
+        if unit.name in sparse:  # the mask is the non-zeros; the codes come back exactly
+            qw = job.quantized[unit.name]
+            assert torch.equal(unpack_mask(local["weight_mask"], W.shape[1]), W.cpu() != 0)
+            assert torch.equal(expand_bitmask(local, fmt), pack(qw.codes, fmt.bits))
+    rest = sum(p.numel() * p.element_size() for n, p in llama.named_parameters() if not n.endswith("_proj.weight"))
+    assert report.tensor_bytes == quantized_usage(arch, problem, candidate.current)["bytes"] + rest
+
+    record, config = report.record, json.loads((tmp_path / "packed" / "config.json").read_text())
+    assert record["bitmask"] == sorted(sparse) and set(record["packed"]) == set(problem.model_units)
+    targets = {t for g in config["quantization_config"]["config_groups"].values() for t in g["targets"]}
+    assert targets == set(problem.model_units) - sparse and sparse <= set(config["quantization_config"]["ignore"])
+    assert not record["vllm"]["servable"] and "bitmask layout" in " ".join(record["vllm"]["reasons"])
+
+    loaded, _ = load_exported(tmp_path / "packed", device="cpu")
+    for name in sparse:
+        qw = job.quantized[name]
+        assert torch.equal(loaded.get_submodule(name).weight_packed, pack(qw.codes, qw.fmt.bits))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-4, atol=1e-5)
+    candidate.restore()
+
+
+def test_the_bitmask_layout_keeps_a_kept_weight_at_its_zero_point():
+    """A mask may keep weights whose code is the zero point (a pruning mask does): they round-trip too."""
+    from evosearch.export import expand_bitmask, pack_quantized
+    from kernels.quant import pack
+
+    fmt = QuantFormat(3, 4)
+    codes = torch.randint(0, 8, (3, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    zeros = torch.randint(0, 8, (3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    keep = torch.rand(3, 10, generator=torch.Generator().manual_seed(2)) < 0.3
+    codes = torch.where(keep, codes, zeros[:, fmt.group_index(10)])  # masked weights are zero
+    keep[0, 0], codes[0, 0] = True, zeros[0, 0]  # a kept weight rounded to zero
+    qw = QuantizedWeight(codes, torch.rand(3, 3), zeros, fmt, torch.float32)
+    tensors = pack_quantized(qw, keep)
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == packed_bytes((3, 10), fmt, int(keep.sum()))
+    assert torch.equal(expand_bitmask(tensors, fmt), pack(codes, 3))
