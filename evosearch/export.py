@@ -102,11 +102,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from pydantic import BaseModel
 from safetensors.torch import load_file
 from torch import nn
 
 from evosearch import __version__
-from evosearch.compression import NM_PATTERN, SearchProblem
+from evosearch.compression import NM_PATTERN, QuantizationSpace, SearchProblem, parse_quant_key
 from evosearch.database.quantization import QuantFormat, QuantizedWeight, packed_bytes
 from evosearch.database.store import Database
 from evosearch.errors import EvosearchError
@@ -147,24 +148,38 @@ def is_semi_structured(key: str) -> bool:
     return bool(match) and (int(match[1]), int(match[2])) == (2, 4)
 
 
-def unit_bytes(arch: Architecture, unit: ModelUnit, key: str) -> int:
+def unit_bytes(arch: Architecture, unit: ModelUnit, key: str, compression: BaseModel | None = None) -> int:
     """Bytes ``unit`` takes at the level stored under ``key`` in an export (0 when removed).
 
     Tensors keep the model's dtypes. Dense, unstructured and 2:4 sparse weights are stored
-    dense; a quantised linear layer is packed. A dropped sub-block or block takes its norms
-    with it.
+    dense; a quantised linear layer is packed (``packed_bytes``), in the format of the
+    ``compression`` space that made the key (its group size and grid: the quant spaces' keys
+    name only the bits) and, for a pruned level, in the smaller of the dense and bitmask
+    layouts. A dropped sub-block or block takes its norms with it.
     """
     if key == "drop":
         return 0
-    fmt = quant_format(key)
+    fmt, zeros = _packed_format(key, compression)
     total = 0
     for name in unit.linears:
         layer = arch.module(name)
         weight = layer.weight
-        total += packed_bytes(tuple(weight.shape), fmt) if fmt else weight.numel() * weight.element_size()
+        if fmt is None:
+            total += weight.numel() * weight.element_size()
+        else:
+            total += packed_bytes(tuple(weight.shape), fmt, weight.numel() - zeros if zeros else None)
         if layer.bias is not None:
             total += layer.bias.numel() * layer.bias.element_size()
     return total + sum(p.numel() * p.element_size() for p in _other_parameters(arch, unit))
+
+
+def _packed_format(key: str, compression: BaseModel | None) -> tuple[QuantFormat | None, int]:
+    """The packed format of a level's key and the weights it prunes: a quant space's key
+    (``bits=B``, ``zeros=Z,bits=B``) in that space's format, else the format the key names."""
+    if isinstance(compression, QuantizationSpace) and "bits=" in key and "group=" not in key:
+        zeros, bits = parse_quant_key(key)
+        return compression.format(bits), zeros
+    return quant_format(key), 0
 
 
 SUB_BLOCK_PARAMETERS = {"self_attn": ("self_attn.", "input_layernorm."),  # Llama names, relative to a block

@@ -10,7 +10,9 @@ grows from ``prompt`` tokens as in real decoding). A level's form follows its da
 - ``dense``: dense weights; also unstructured sparsity (``zeros=N``) and N:M patterns other
   than 2:4, which an export stores dense and runs at dense speed;
 - ``2:4``: a semi-structured sparse weight where the GPU runs one (else dense speed);
-- ``bits=...``: a packed layer through the dequantising matmul (``kernels/quant.py``);
+- ``bits=...``: a packed layer through the dequantising matmul (``kernels/quant.py``); a
+  pruned and quantised level (``zeros=N,bits=B``) too, since export unpacks its bitmask
+  layout to the dense packed one on loading;
 - ``drop``: nothing runs, 0 ms.
 
 Units of one shape cost the same, so each distinct shape is timed once per class. The
@@ -148,6 +150,8 @@ def latency_class(key: str) -> str:
         return "2:4"
     if quant_format(key) is not None:
         return key
+    if key.startswith("zeros=") and ",bits=" in key:  # pruned then quantised: it runs as its packed format
+        return key.split(",", 1)[1]
     if key == "dense" or key.startswith("zeros=") or ":" in key:
         return "dense"
     if any(key.startswith(prefix) for prefix in UNIT_BUILDERS):
@@ -409,7 +413,7 @@ def resources(problem: SearchProblem, table: HardwareTable | None) -> dict[str, 
     out: dict[str, dict[str, list[float]]] = {name: {} for name in RESOURCES if table is not None or name == "bytes"}
     for unit in problem.space.units:
         mu, keys = problem.model_units[unit.name], problem.keys[unit.name]
-        out["bytes"][unit.name] = [float(unit_bytes(problem.arch, mu, k)) for k in keys]
+        out["bytes"][unit.name] = [float(unit_bytes(problem.arch, mu, k, problem.spec.compression)) for k in keys]
         if table is not None:
             out["latency_ms"][unit.name] = [table.cost(unit.name, k, "decode_ms") for k in keys]
             out["prefill_ms"][unit.name] = [table.cost(unit.name, k, "prefill_ms") for k in keys]

@@ -65,6 +65,21 @@ def test_packed_bytes_by_hand():
     assert packed_bytes((3, 10), QuantFormat(3, 4), 4) == 3 * 2 + 1 * 4 + 3 * 3 * 4 + 1 * 3 * 4 + 16
 
 
+@pytest.mark.parametrize("name, options, budget", [("quant", {"group_size": 64, "symmetric": True}, 4.0),
+                                                   ("sparsity-quant", {"sparsity": [0.0, 0.5], "bits": [3, 4]}, 0.25)])
+def test_bytes_budgets_count_quant_levels_as_their_space_does(llama, name, options, budget):
+    """`--budget bytes=...` (hardware.attach) and the space's own byte count agree, for any group size
+    and for pruned levels: both are packed_bytes of the layout export writes."""
+    from evosearch.hardware import attach, latency_class
+
+    problem = space(name, **options).materialize(architecture(llama), budget)
+    own = {u.name: u.resources["bytes"] for u in problem.space.units}
+    attached = attach(problem, None)
+    assert {u.name: u.resources["bytes"] for u in attached.space.units} == own
+    pruned = [k for keys in problem.keys.values() for k in keys if k.startswith("zeros=")]
+    assert all(latency_class(k) == k.split(",")[1] for k in pruned)  # they run as their packed format
+
+
 def test_distinct_per_group_counts_values_in_each_group():
     W = torch.tensor([[1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 0.0, 4.0], [5.0, 6.0, 7.0, 8.0, 9.0, 9.0, 9.0, 9.0]])
     assert distinct_per_group(W, 3).tolist() == [[2, 1, 2], [3, 2, 1]]  # the last group is short
