@@ -192,8 +192,21 @@ def _corpus_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record comes, not the one it was made with:
+    test runners and notebooks swap stderr and close the old one."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(level: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("[evosearch] %(message)s"))
     handler.set_name("evosearch-cli")
     for earlier in [h for h in log.handlers if h.get_name() == "evosearch-cli"]:  # main() called again in-process
