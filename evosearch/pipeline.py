@@ -12,7 +12,8 @@ winner in place, measures it against the dense model and writes ``out/``:
                    weights), fitness, perplexity before and after, the Pareto set of
                    a multi-objective search, the recipe, versions
     model/         the compressed model (``save_pretrained``) and its tokenizer
-    study.db       every evaluated candidate (an Optuna study; ``--resume`` continues it)
+    study.journal  every evaluated candidate (an Optuna study in a journal file; ``--resume``
+                   continues it; earlier searches kept it in study.db, which is still read)
 
 ``SearchSettings`` is the whole run as data, so a run is reproducible from its
 ``result.json`` alone (``evosearch run DIR/result.json``). With ``workers`` the candidates
@@ -84,10 +85,20 @@ class SearchSettings(BaseModel):
     device: str | None = None
     dtype: str | None = None
     database: str | None = Field(None, description="database folder (default: in the cache, keyed by its inputs)")
-    storage: str | None = Field(None, description="Optuna storage URL (default: out/study.db)")
+    storage: str | None = Field(None, description="Optuna storage URL (default: out/study.journal)")
     baselines: list[str] | None = Field(None, description="baselines to report beside the search (default: the space's)")
     workers: int | None = Field(None, ge=1, description="evaluate candidates on this many worker processes sharing "
                                                         "the storage (Optuna samplers then ask this many at a time)")
+
+
+def default_storage(out: Path) -> str:
+    """The study of a search folder: a journal file (each evaluation is appended in a few
+    milliseconds, where SQLite through Optuna's ORM took tens: on a fast fitness that was
+    most of a generation's time), or the ``study.db`` of a search started before."""
+    earlier = out / "study.db"
+    if earlier.exists():
+        return f"sqlite:///{earlier.resolve()}"
+    return str((out / "study.journal").resolve())
 
 
 def prepare_output(out: Path, resume: bool, force: bool) -> None:
@@ -154,7 +165,7 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     if problem.starts and settings.sampler == "evopress":
         sampler_options.setdefault("starts", problem.starts)
     _register_heuristics(problem, database)
-    storage = settings.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage = settings.storage or default_storage(out)
     study_name = f"evosearch-{spec.name or 'search'}"
     evaluation = nullcontext(fitness) if not settings.workers else Workers(
         storage, study_name, count=settings.workers, options=settings.model_dump(), fidelities=fitness.fidelities,

@@ -39,7 +39,7 @@ from evosearch.pipeline import SearchSettings
 class Recipe(SearchSettings):
     """A whole run: the search settings and the output folder."""
 
-    out: str | None = Field(None, description="folder for result.json, model/ and study.db (or --out)")
+    out: str | None = Field(None, description="folder for result.json, model/ and study.journal (or --out)")
 
     @property
     def settings(self) -> SearchSettings:

@@ -62,9 +62,9 @@ def _read_run(folder: str | Path) -> tuple[dict, History | None]:
         raise EvosearchError(f"{folder} is not a folder; pass the --out folder of a search")
     result = _read_json(folder / "result.json")
     recipe = result.get("recipe") if result else _read_recipe(folder / "recipe.yaml")
-    storage = (recipe or {}).get("storage") or _sqlite(folder / "study.db")
+    storage = (recipe or {}).get("storage") or _study_file(folder)
     if result is None and storage is None:
-        raise EvosearchError(f"{folder} holds no result.json and no study.db: it is not a search folder")
+        raise EvosearchError(f"{folder} holds no result.json and no study.journal: it is not a search folder")
     history = read_history(storage, (result or {}).get("search", {}).get("study")) if storage else None
     if result:  # the chosen assignment, or the best so far
         assignment, resource = result["assignment"], result["budget"]["resource"]
@@ -100,8 +100,11 @@ def _read_recipe(path: Path) -> dict | None:
     return Recipe.load(path).model_dump(mode="json") if path.exists() else None
 
 
-def _sqlite(path: Path) -> str | None:
-    return f"sqlite:///{path.resolve()}" if path.exists() else None
+def _study_file(folder: Path) -> str | None:
+    """The study a search wrote in ``folder`` (``study.db``: searches before the journal file)."""
+    if (folder / "study.journal").exists():
+        return str((folder / "study.journal").resolve())
+    return f"sqlite:///{(folder / 'study.db').resolve()}" if (folder / "study.db").exists() else None
 
 
 def _resume_command(folder: Path, recipe: dict | None) -> str:
