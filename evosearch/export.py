@@ -107,8 +107,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from evosearch import __version__
-from evosearch.compression import NM_PATTERN, QuantizationSpace, SearchProblem, parse_quant_key
-from evosearch.database.quantization import QuantFormat, QuantizedWeight, packed_bytes
+from evosearch.compression import NM_PATTERN, QuantizationSpace, SearchProblem, SparsityQuantSpace, parse_quant_key
+from evosearch.database.quantization import QuantFormat, QuantizedWeight, packed_bytes, recover_grid
 from evosearch.database.store import Database
 from evosearch.errors import EvosearchError
 from evosearch.units import Architecture, ModelUnit, architecture
@@ -255,9 +255,6 @@ def _export_quantization(job: ExportJob) -> None:
     format's grid, so ``--format packed`` stores integer codes, scales and zero points. A layer
     whose weights are off the grid (changed after the search) stays dense rather than be re-rounded.
     A joint (sparsity-quant) layer whose non-zeros make the bitmask layout smaller gets it."""
-    from evosearch.compression import SparsityQuantSpace, parse_quant_key
-    from evosearch.database.quantization import recover_grid
-
     comp = job.problem.spec.compression
     for unit, level in job.assignment.items():
         _, bits = parse_quant_key(job.problem.key(unit, level))
@@ -639,9 +636,10 @@ def load_exported(folder: str | Path, *, device: str | torch.device | None = Non
         cls = AutoModelForCausalLM
     with _parameters_on_meta():
         model = cls._from_config(config) if cls is not AutoModelForCausalLM else cls.from_config(config)
-    for name, spec in record["packed"].items():
+    formats = {name: QuantFormat(spec["bits"], spec["group_size"], spec["symmetric"])
+               for name, spec in record["packed"].items()}
+    for name, fmt in formats.items():
         layer = model.get_submodule(name)
-        fmt = QuantFormat(spec["bits"], spec["group_size"], spec["symmetric"])
         parent, child = name.rsplit(".", 1)
         setattr(model.get_submodule(parent), child,
                 PackedLinear(layer.in_features, layer.out_features, fmt, layer.bias is not None))
@@ -649,10 +647,8 @@ def load_exported(folder: str | Path, *, device: str | torch.device | None = Non
     for path in sorted(folder.glob("*.safetensors")):
         state |= load_file(str(path))
     for name in record.get("bitmask", []):  # to dense codes: the packed layer and its kernel run them
-        spec = record["packed"][name]
         local = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
-        state[f"{name}.weight_packed"] = expand_bitmask(local, QuantFormat(spec["bits"], spec["group_size"],
-                                                                           spec["symmetric"]))
+        state[f"{name}.weight_packed"] = expand_bitmask(local, formats[name])
         del state[f"{name}.weight_mask"]
     target = dtype or next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     buffers = {name for name, _ in model.named_buffers()}

@@ -36,6 +36,7 @@ from optuna.trial import TrialState
 
 from evosearch.engine import _storage as open_storage  # a storage URL or journal file, read as the engine reads it
 from evosearch.errors import EvosearchError
+from evosearch.pipeline import default_storage
 from evosearch.recipe import Recipe
 from evosearch.space import Space
 
@@ -101,10 +102,9 @@ def _read_recipe(path: Path) -> dict | None:
 
 
 def _study_file(folder: Path) -> str | None:
-    """The study a search wrote in ``folder`` (``study.db``: searches before the journal file)."""
-    if (folder / "study.journal").exists():
-        return str((folder / "study.journal").resolve())
-    return f"sqlite:///{(folder / 'study.db').resolve()}" if (folder / "study.db").exists() else None
+    """The study a search wrote in ``folder``, where the search keeps it (``default_storage``), if any."""
+    written = (folder / "study.journal").exists() or (folder / "study.db").exists()
+    return default_storage(folder) if written else None
 
 
 def _resume_command(folder: Path, recipe: dict | None) -> str:

@@ -328,5 +328,5 @@ def recover_grid(W: torch.Tensor, fmt: QuantFormat) -> tuple[QuantizedWeight, to
         ok = (c >= 0) & (c <= fmt.maxq) & ((s[:, g] * (c - z[:, g]) - Wf).abs() <= tolerance)
         exact = torch.ones_like(s).scatter_reduce(1, index, ok.float(), "amin").bool() & ~found
         scales, zeros, found = torch.where(exact, s, scales), torch.where(exact, z, zeros), found | exact
-    codes = torch.clamp(torch.round(Wf / scales[:, g]) + zeros[:, g], 0, fmt.maxq)
+    codes = _codes(Wf, scales[:, g], zeros[:, g], fmt.maxq)
     return QuantizedWeight(codes.to(torch.uint8), scales, zeros.to(torch.uint8), fmt, W.dtype), found
