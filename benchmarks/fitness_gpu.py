@@ -7,8 +7,7 @@ For the packaged model on one GPU this measures, in one run:
   bit-width of the ``quant`` space (``--no-gptq`` skips the latter);
 - time per candidate at 4K, 16K and 64K calibration tokens for the fast path (database on
   the GPU, in-place swaps of the changed units, block-by-block runs with prefix reuse,
-  fused KL), in five variants: eager, CUDA graphs, ``torch.compile``'d blocks, both, and
-  both with the fused kernels (output head + KL, gated MLP);
+  fused KL), in four variants: eager, CUDA graphs, ``torch.compile``'d blocks, both;
   against the roofline: 2 x parameters x tokens / matmul rate + one read of the teacher at
   copy bandwidth;
 - where the time goes at 64K tokens: GPU kernel time by kind (matrix products,
@@ -51,12 +50,9 @@ from evosearch.fitness import KLFitness  # noqa: E402
 from evosearch.model import load_model  # noqa: E402
 from evosearch.units import architecture  # noqa: E402
 
-FUSED = "compiled + CUDA graphs + fused kernels"
-VARIANTS = {"eager": {"cuda_graphs": False, "fused_kernels": False},
-            "CUDA graphs": {"cuda_graphs": True, "fused_kernels": False},
-            "compiled": {"compile_blocks": True, "cuda_graphs": False, "fused_kernels": False},
-            "compiled + CUDA graphs": {"compile_blocks": True, "cuda_graphs": True, "fused_kernels": False},
-            FUSED: {"compile_blocks": True, "cuda_graphs": True, "fused_kernels": True}}
+VARIANTS = {"eager": {"cuda_graphs": False}, "CUDA graphs": {"cuda_graphs": True},
+            "compiled": {"compile_blocks": True, "cuda_graphs": False},
+            "compiled + CUDA graphs": {"compile_blocks": True, "cuda_graphs": True}}
 
 
 class Timer:
@@ -146,9 +142,7 @@ def kernel_breakdown(fn, device: torch.device) -> tuple[dict[str, float], list[t
         torch.cuda.synchronize(device)
     # Attention first: cuDNN's and FlashAttention's kernel names also name the matrix instructions.
     kinds = {"attention": ("flash", "fmha", "attention", "sdpa", "cudnn", "efficient"),
-             "fused head + KL": ("_head_kl_tiles",),
-             "matrix products": ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "cublas", "sm90_", "_mm_",
-                                 "_swiglu_kernel"),
+             "matrix products": ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "cublas", "sm90_", "_mm_"),
              "KL": ("_kl_rows",)}
     rest = "the rest (norms, rotary, activations, copies)"
     totals = dict.fromkeys([*kinds, rest], 0.0)
@@ -280,14 +274,14 @@ def main() -> None:
         row(f"{kilo(top)} tokens, eager, no prefix reuse: candidate / swap / forward / head+KL",
             f"{plain * 1e3:.1f} / {swap * 1e3:.2f} / {forward * 1e3:.1f} / {(plain - forward - swap) * 1e3:.1f} ms")
         if device.type == "cuda":
-            for name in [n for n in ("eager", "compiled", FUSED) if n in variants]:
+            for name in [n for n in ("eager", "compiled") if n in variants]:
                 options = dict(VARIANTS[name], reuse_prefix=False)
                 whole = KLFitness(candidate, teacher, batch_size=batch, **options)
                 whole._run_block = fitnesses[name]._run_block  # the same compiled code, not a second compilation
                 kinds, kernels = kernel_breakdown(lambda: whole.evaluate_batch(children[:1], top), device)
                 total = sum(kinds.values())
                 row(f"{kilo(top)} tokens, {name}, whole model: GPU time by kernel kind",
-                    "; ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})" for k, v in kinds.items() if v))
+                    "; ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})" for k, v in kinds.items()))
                 row(f"{kilo(top)} tokens, {name}: the kernels taking the most",
                     "; ".join(f"`{k[:70]}` {v * 1e3:.1f} ms" for k, v in kernels).replace("|", "/"))
                 if name == "eager":

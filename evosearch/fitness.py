@@ -25,39 +25,27 @@ On a GPU two more things cut the cost of a candidate without changing its value:
   bound by the ~20 kernel launches per block from Python, not by the GPU;
 - ``compile_blocks``: ``torch.compile`` of a block fuses its norms, rotary embedding,
   activation and residual adds, which read and write the (tokens x hidden) activations
-  many times in eager mode. One compiled graph serves every block of the same shape;
-- *fused kernels* (``evosearch.kernels``): the output head and the KL in one kernel that
-  never writes the logits, and a gated MLP's gate and up products with the activation as
-  their epilogue. Both round as the modules they replace do; the MLP kernel is checked
-  against the model's own MLP once, and not used if it disagrees.
+  many times in eager mode. One compiled graph serves every block of the same shape.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import types
 from collections import Counter
 
 import torch
-from torch import nn
 
 from evosearch.candidate import CandidateModel
 from evosearch.database.build import capture_block_inputs, run_block
 from evosearch.evaluate import ROWS_PER_CHUNK, Teacher, default_batch_size, logits_from_hidden
-from evosearch.kernels import kl as kl_kernels
-from evosearch.kernels import swiglu as swiglu_kernels
-from evosearch.units import Architecture
 
 log = logging.getLogger("evosearch")
 
 
 class KLFitness:
     def __init__(self, candidate: CandidateModel, teacher: Teacher, batch_size: int | None = None,
-                 reuse_prefix: bool = True, compile_blocks: bool = False, cuda_graphs: bool | None = None,
-                 fused_kernels: bool | None = None):
-        """``cuda_graphs``: None captures them where they can run (model and teacher on a GPU).
-        ``fused_kernels``: None uses them where they run (model and teacher on a GPU, Triton installed)."""
+                 reuse_prefix: bool = True, compile_blocks: bool = False, cuda_graphs: bool | None = None):
+        """``cuda_graphs``: None captures them where they can run (model and teacher on a GPU)."""
         self.candidate = candidate
         self.teacher = teacher
         self.model = candidate.model
@@ -69,12 +57,6 @@ class KLFitness:
         if cuda_graphs and not graphs_possible:
             log.info("CUDA graphs need the model and the teacher on one GPU: running without them")
         self.cuda_graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs) and graphs_possible
-        if fused_kernels is None:
-            fused_kernels = graphs_possible and kl_kernels.triton_installed()
-        # The head and KL fused: for a full-vocabulary teacher on the model's device, and a plain head.
-        self._fused_head = (fused_kernels and teacher.top_k is None and _plain_head(self.model)
-                            and _teacher_device(teacher) == candidate.device)
-        self._fused_mlps = _fusable_mlps(self.arch) if fused_kernels else {}
         self.fidelities: list[int] | None = None  # set by the caller for multi-step selection
         self._block_of = {u: mu.block for u, mu in candidate.problem.model_units.items()}
         self._inputs: dict[tuple[int, int], tuple[torch.Tensor, dict]] = {}  # batch -> (block-0 input, kwargs)
@@ -96,10 +78,7 @@ class KLFitness:
     @torch.inference_mode()
     def evaluate_batch(self, assignments: list[dict], fidelity: int | None = None) -> list[float]:
         """KL of each assignment on the first ``fidelity`` calibration tokens (whole sequences)."""
-        with self._mlps_fused():
-            return self._evaluate(assignments, self._sequences(fidelity))
-
-    def _evaluate(self, assignments: list[dict], n_sequences: int) -> list[float]:
+        n_sequences = self._sequences(fidelity)
         first_block = [0] * len(assignments)
         if self.reuse_prefix and len(assignments) > 1:
             reference = self._ensure_reference(assignments, n_sequences)
@@ -109,18 +88,6 @@ class KLFitness:
             self.candidate.apply(assignment)
             values.append(self._kl(n_sequences, start))
         return values
-
-    @contextlib.contextmanager
-    def _mlps_fused(self):
-        """The fused MLP forwards in place for the duration (the same bound methods each time, so
-        compiled code's guards on them hold)."""
-        for mlp, forward in self._fused_mlps.items():
-            mlp.forward = forward
-        try:
-            yield
-        finally:
-            for mlp in self._fused_mlps:
-                del mlp.forward
 
     def _sequences(self, tokens: int | None) -> int:
         length = self.teacher.sequence_length
@@ -192,9 +159,6 @@ class KLFitness:
     def _head_kl(self, hidden: torch.Tensor, first_sequence: int) -> torch.Tensor:
         hidden = self.arch.finish(hidden).reshape(-1, hidden.shape[-1])
         offset = first_sequence * self.teacher.sequence_length
-        if self._fused_head:
-            rows = self.teacher.logprobs[offset : offset + len(hidden)]
-            return kl_kernels.head_kl_divergence(hidden, self.model.get_output_embeddings().weight, rows).double()
         total = torch.zeros((), device=hidden.device, dtype=torch.float64)
         for rows in range(0, len(hidden), ROWS_PER_CHUNK):
             student = logits_from_hidden(self.model, hidden[rows : rows + ROWS_PER_CHUNK], upcast=False)
@@ -230,46 +194,6 @@ class KLFitness:
 def _teacher_device(teacher: Teacher) -> torch.device:
     stored = teacher.logprobs if teacher.logprobs is not None else teacher.top_logprobs
     return stored.device
-
-
-def _plain_head(model) -> bool:
-    """Whether the logits are the output head's product alone (no bias, scaling or soft-capping)."""
-    head = model.get_output_embeddings()
-    config = model.config
-    return (type(head) is nn.Linear and head.bias is None and not getattr(config, "logit_scale", None)
-            and not getattr(config, "final_logit_softcapping", None))
-
-
-def _swiglu_forward(mlp, x: torch.Tensor) -> torch.Tensor:
-    return mlp.down_proj(swiglu_kernels.swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight))
-
-
-@torch.inference_mode()
-def _fusable_mlps(arch: Architecture) -> dict[nn.Module, types.MethodType]:
-    """Each block's MLP with its fused forward, when every block has a bias-free SiLU-gated
-    MLP (Llama's layout) and the fused forward gives the first block's MLP's own output."""
-    if arch.family.mlp_inputs != ("mlp.gate_proj", "mlp.up_proj"):
-        return {}
-    mlps = [arch.module(f"{arch.block_name(b)}.{arch.family.mlp}") for b in range(len(arch.blocks))]
-
-    def gated(mlp) -> bool:
-        linears = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-        return (all(type(m) is nn.Linear and m.bias is None for m in linears)
-                and type(getattr(mlp, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))
-
-    # An MLP whose forward is set on the instance is someone else's patch: left alone.
-    if not mlps or not all(gated(mlp) and "forward" not in vars(mlp) for mlp in mlps):
-        return {}
-    weight = mlps[0].gate_proj.weight
-    x = torch.randn(2, 64, weight.shape[1], device=weight.device, dtype=weight.dtype,
-                    generator=torch.Generator(weight.device).manual_seed(0))
-    expected, fused = mlps[0](x).float(), _swiglu_forward(mlps[0], x).float()
-    error = ((fused - expected).norm() / expected.norm().clamp_min(1e-30)).item()
-    if not error < 1e-2:
-        log.info("the fused MLP kernel differs from %s's own forward (relative error %.1e): not used",
-                 type(mlps[0]).__name__, error)
-        return {}
-    return {mlp: types.MethodType(_swiglu_forward, mlp) for mlp in mlps}
 
 
 def _compiled(fn):

@@ -41,7 +41,6 @@ import importlib.util
 import logging
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("evosearch")
 
@@ -80,45 +79,18 @@ def kl_divergence_topk(top_logprobs: torch.Tensor, top_indices: torch.Tensor, ta
                                      tail_logprob.reshape(-1), student_logits.reshape(-1, V)).sum()
 
 
-def head_kl_divergence(hidden: torch.Tensor, head_weight: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of KL(p || softmax(hidden @ head_weight.T)), float32: the output head and the KL in one.
-
-    ``hidden`` (N, d), ``head_weight`` (V, d), ``teacher_logprobs`` (N, V). On a GPU (float16
-    or bfloat16, Triton installed) one kernel computes the logits tile by tile and reduces
-    them at once, never writing them: at 65,536 rows and a 49,152 vocabulary that saves
-    writing and reading back 6.4 GB of bfloat16 logits. Elsewhere the head runs in chunks of
-    rows and ``kl_divergence`` scores each, which is what the kernel is tested against.
-    """
-    if _fused_head(hidden):
-        from . import kl_triton
-
-        return kl_triton.head_kl_per_row(hidden, head_weight, teacher_logprobs).sum()
-    from evosearch.evaluate import ROWS_PER_CHUNK
-
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for rows in range(0, len(hidden), ROWS_PER_CHUNK):
-        chunk = slice(rows, rows + ROWS_PER_CHUNK)
-        total += kl_divergence(teacher_logprobs[chunk], F.linear(hidden[chunk], head_weight))
-    return total
-
-
-def _fused_head(hidden: torch.Tensor) -> bool:
-    """Whether ``head_kl_divergence`` runs the kernel: float16/bfloat16 on a GPU, Triton installed."""
-    return hidden.dtype in (torch.float16, torch.bfloat16) and _fused(hidden)
-
-
 def _fused(student_logits: torch.Tensor) -> bool:
     """Whether the Triton kernel runs on these logits: on a CUDA device, with Triton installed."""
     if not student_logits.is_cuda:
         return False
-    if not triton_installed():
+    if not _triton_installed():
         _warn_no_triton()
         return False
     return True
 
 
 @functools.cache
-def triton_installed() -> bool:
+def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 

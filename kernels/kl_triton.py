@@ -20,7 +20,6 @@ accumulated in float32.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
@@ -127,52 +126,6 @@ def _kl_rows_topk(top_t, indices, tail_t, student, words, out, V, K, top_stride,
     tl.store(out + row, kl)
 
 
-@triton.jit
-def _head_kl_tiles(hidden, weight, teacher, parts, M, V, K, hidden_stride, weight_stride, teacher_stride,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """One (rows, vocabulary) tile: the logits ``hidden @ weight.T``, then this tile's share of each row's KL.
-
-    Programs run column block by column block, every row block of one before the next, so
-    the rows' hidden states (M x d) stay in L2 and each weight tile is read once.
-    Writes ``parts[:, j, rows]``, for column block j: the tile's maximum logit ``m``,
-    ``sum exp(s - m)``, ``sum p (t - (s - m))`` and ``sum p``.
-    """
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    pid_m, pid_n = pid % grid_m, pid // grid_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
-    h_tile = hidden + rm[:, None].to(tl.int64) * hidden_stride + rk[None, :]
-    w_tile = weight + rn[None, :].to(tl.int64) * weight_stride + rk[:, None]  # (BLOCK_K, BLOCK_N): W transposed
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k in range(0, K, BLOCK_K):
-        k_in = k + rk < K
-        h = tl.load(h_tile, mask=(rm[:, None] < M) & k_in[None, :], other=0.0)
-        w = tl.load(w_tile, mask=k_in[:, None] & (rn[None, :] < V), other=0.0)
-        if UPCAST:  # float32 inputs, or the interpreter, whose bfloat16 products are wrong (Triton 3.9)
-            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(h, w, acc)
-        h_tile += BLOCK_K
-        w_tile += BLOCK_K
-    # Rounded as the output head's own product is, whose logits the teacher was built from.
-    s = acc.to(hidden.dtype.element_ty).to(tl.float32)
-    inside = (rm[:, None] < M) & (rn[None, :] < V)
-    s = tl.where(rn[None, :] < V, s, float("-inf"))
-    t = tl.load(teacher + rm[:, None].to(tl.int64) * teacher_stride + rn[None, :], mask=inside,
-                other=float("-inf")).to(tl.float32)
-    m = tl.max(s, axis=1)
-    d = s - m[:, None]
-    p = tl.exp(t)
-    part = parts + pid_n * M + rm
-    block = tl.num_programs(0) // grid_m * M  # the stride between the four partial sums
-    tl.store(part, m, mask=rm < M)
-    tl.store(part + block, tl.sum(tl.exp(d), axis=1), mask=rm < M)
-    tl.store(part + 2 * block, tl.sum(tl.where(p > 0, p * (t - d), 0.0), axis=1), mask=rm < M)
-    tl.store(part + 3 * block, tl.sum(p, axis=1), mask=rm < M)
-
-
 def _launch(block_v: int | None, num_warps: int | None, V: int) -> tuple[int, int]:
     """Tiles of up to 2,048 columns, 8 to a thread (one 16-byte load of bfloat16).
 
@@ -253,40 +206,3 @@ def _device(x: torch.Tensor):
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """A 2-D tensor whose rows the kernels can walk: unit stride along the last dimension."""
     return x if x.stride(-1) == 1 else x.contiguous()
-
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the fused output head and KL.
-HEAD_CONFIG = (128, 128, 64, 8, 3)
-
-
-def head_kl_per_row(hidden: torch.Tensor, weight: torch.Tensor, teacher_logprobs: torch.Tensor, *,
-                    config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
-    """KL(p || softmax(hidden @ weight.T)) of each row, float32, without writing the logits.
-
-    ``hidden`` (N, d) and ``weight`` (V, d) in the head's dtype; ``teacher_logprobs`` (N, V).
-    The logits are rounded to ``hidden``'s dtype, as the output head's product rounds them.
-    Each (rows, vocabulary) tile leaves four partial sums per row; they are combined here:
-    with ``m_j`` the maximum logit of column block j and ``lse`` the row's log-sum-exp,
-    ``KL = sum_j [sum_j p (t - (s - m_j)) + (sum_j p) (lse - m_j)]``, each term a
-    difference of log-probabilities, as in ``_kl_rows``.
-    """
-    N, d = hidden.shape
-    V = weight.shape[0]
-    if weight.shape[1] != d or teacher_logprobs.shape != (N, V):
-        raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and teacher "
-                         f"{tuple(teacher_logprobs.shape)}: expected (N, d), (V, d) and (N, V)")
-    hidden, weight, teacher = _rows(hidden), _rows(weight), _rows(teacher_logprobs)
-    block_m, block_n, block_k, warps, stages = config or HEAD_CONFIG
-    blocks_n = triton.cdiv(V, block_n)
-    parts = torch.empty(4, blocks_n, N, dtype=torch.float32, device=hidden.device)
-    if N:
-        upcast = hidden.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
-        with _device(hidden):
-            _head_kl_tiles[(triton.cdiv(N, block_m) * blocks_n,)](
-                hidden, weight, teacher, parts, N, V, d, hidden.stride(0), weight.stride(0), teacher.stride(0),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, UPCAST=upcast, num_warps=warps,
-                num_stages=stages)
-    m, z, a, b = parts
-    top = m.max(0).values
-    lse = top + torch.log((z * torch.exp(m - top)).sum(0))
-    return (a + b * (lse - m)).sum(0)

@@ -17,9 +17,6 @@ from evosearch.fitness import KLFitness
 from evosearch.units import architecture
 from conftest import tiny_llama
 
-# Triton's interpreter computes both branches of tl.where with numpy (inf - inf in padding lanes).
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
 
 def generations(names: list[str], count: int = 3) -> list[list[dict]]:
     """Batches of drop assignments around a parent that changes every generation."""
@@ -70,50 +67,3 @@ def test_compiled_blocks_give_the_eager_values():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # it did compile
     for e, c in zip(eager, compiled):
         assert c == pytest.approx(e, rel=1e-4, abs=1e-7)
-
-
-def force_kernels(monkeypatch):
-    """Run the fused kernels whatever the device (on a CPU, in Triton's interpreter)."""
-    from evosearch.kernels import kl, swiglu
-
-    monkeypatch.setattr(swiglu, "use_triton", lambda x: True)
-    monkeypatch.setattr(kl, "_fused_head", lambda hidden: True)
-
-
-def test_fused_kernels_give_the_plain_values(monkeypatch):
-    """The fused head+KL and MLP kernels (Triton's interpreter on a CPU, float32) against the plain path."""
-    model = tiny_llama(layers=3)
-    plain, _ = fitness_values(model, "cpu", fused_kernels=False)
-    force_kernels(monkeypatch)
-    fused, fitness = fitness_values(model, "cpu", fused_kernels=True)
-    assert fitness._fused_head and len(fitness._fused_mlps) == 3
-    assert all("forward" not in vars(mlp) for mlp in fitness._fused_mlps)  # the model is left as it was
-    for p, f in zip(plain, fused):
-        assert f == pytest.approx(p, rel=1e-4, abs=1e-7)
-    assert plain[0][0] == pytest.approx(0, abs=1e-6) and fused[0][0] == pytest.approx(0, abs=1e-6)
-
-
-def test_an_mlp_the_kernel_does_not_match_is_left_alone(monkeypatch, caplog):
-    """An MLP laid out like Llama's that computes something else: the check against it keeps it unfused."""
-
-    class SiLU(torch.nn.Module):  # the name the kernel looks for, another function
-        def forward(self, x):
-            return torch.relu(x)
-
-    model = tiny_llama(layers=2)
-    force_kernels(monkeypatch)
-    for layer in model.model.layers:
-        layer.mlp.act_fn = SiLU()
-    with caplog.at_level("INFO", logger="evosearch"):
-        _, fitness = fitness_values(model, "cpu", fused_kernels=True)
-    assert fitness._fused_mlps == {} and "differs" in caplog.text
-
-
-@pytest.mark.gpu
-def test_fused_kernels_on_the_gpu_with_graphs_and_compiled_blocks():
-    model = tiny_llama(layers=4).to(torch.bfloat16)
-    plain, _ = fitness_values(model, "cuda", fused_kernels=False, cuda_graphs=False)
-    fused, fitness = fitness_values(model, "cuda", fused_kernels=True, compile_blocks=True)
-    assert fitness._fused_head and fitness._fused_mlps and fitness.cuda_graphs
-    for p, f in zip(plain, fused):
-        assert f == pytest.approx(p, rel=2e-2, abs=1e-4)

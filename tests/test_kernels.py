@@ -200,7 +200,7 @@ def test_on_the_gpu_the_dispatchers_run_the_kernels(kt):
 
 @pytest.mark.gpu
 def test_on_the_gpu_without_triton_the_dispatcher_warns_and_falls_back(monkeypatch, caplog):
-    monkeypatch.setattr(kl, "triton_installed", lambda: False)
+    monkeypatch.setattr(kl, "_triton_installed", lambda: False)
     kl._warn_no_triton.cache_clear()
     teacher, student = case(4, 3000)
     with caplog.at_level(logging.WARNING, logger="evosearch"):
@@ -249,78 +249,3 @@ def test_teacher_kl_on_the_gpu_matches_the_reference(monkeypatch, llama, dtype, 
     monkeypatch.setattr(kl, "_fused", lambda logits: False)
     assert fused == pytest.approx(teacher.kl(model), rel=TOLERANCE)
     assert fused > 0.1
-
-
-def head_case(rows, vocab, width, dtype, teacher_dtype, seed=0, device=DEVICE):
-    """Hidden states, an output head and a teacher whose distributions differ from the head's by noise."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(rows, width, generator=g).to(device)
-    weight = (torch.randn(vocab, width, generator=g) * 3 / width**0.5).to(device)
-    noise = torch.randn(rows, vocab, generator=torch.Generator(device).manual_seed(seed), device=device)
-    teacher = torch.log_softmax(hidden @ weight.T + 0.3 * noise, -1)
-    return hidden.to(dtype), weight.to(dtype), teacher.to(teacher_dtype)
-
-
-# (rows, vocabulary, width, tiles): ragged edges in every dimension, and the default tiles
-HEAD_SHAPES = [(37, 1000, 40, (16, 64, 16, 4, 2)), (64, 3000, 64, (32, 128, 32, 4, 2)), (20, 49152, 64, None)]
-
-
-@needs_triton
-@pytest.mark.parametrize("rows,vocab,width,config", HEAD_SHAPES)
-@pytest.mark.parametrize("dtype,teacher_dtype", [(F32, F32), (F16, F16), (F16, F32)])
-def test_fused_head_kl_matches_the_head_then_the_kl(kt, rows, vocab, width, config, dtype, teacher_dtype):
-    hidden, weight, teacher = head_case(rows, vocab, width, dtype, teacher_dtype, seed=rows)
-    out = kt.head_kl_per_row(hidden, weight, teacher, config=config)
-    assert out.shape == (rows,) and out.isfinite().all()
-    logits = torch.nn.functional.linear(hidden, weight)  # rounded to the head's dtype, as the kernel rounds
-    assert relative_error(out, per_row(evaluate.kl_divergence, teacher, logits)) < TOLERANCE
-
-
-def test_head_kl_dispatcher_off_the_gpu_is_the_head_then_the_kl():
-    hidden, weight, teacher = head_case(5000, 300, 16, F32, F32, device="cpu")  # more rows than one chunk
-    expected = evaluate.kl_divergence(teacher, hidden @ weight.T)
-    assert kl.head_kl_divergence(hidden, weight, teacher).item() == pytest.approx(expected.item(), rel=1e-5)
-
-
-@pytest.mark.gpu
-def test_fused_head_kl_on_the_gpu_full_size(kt):
-    """bfloat16 at the packaged model's shapes, and rows whose teacher offsets pass 2^31 elements."""
-    hidden, weight, teacher = head_case(45000, 49152, 576, BF16, BF16)
-    out = kt.head_kl_per_row(hidden, weight, teacher)
-    for rows in (slice(0, 2048), slice(-2048, None)):
-        logits = torch.nn.functional.linear(hidden[rows], weight)
-        assert relative_error(out[rows], kt.kl_per_row(teacher[rows], logits)) < 1e-3
-    assert torch.equal(kl.head_kl_divergence(hidden, weight, teacher), out.sum())
-
-
-def swiglu_case(rows, n, d, dtype, seed=0, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, d, generator=g)
-    gate, up = (torch.randn(n, d, generator=g) / d**0.5 for _ in range(2))
-    return x.to(device, dtype), gate.to(device, dtype), up.to(device, dtype)
-
-
-@needs_triton
-@pytest.mark.parametrize("rows,n,d,config", [(37, 48, 40, (16, 16, 16, 4, 2)), (64, 96, 64, (32, 32, 32, 4, 2)),
-                                             (130, 200, 576, None)])
-@pytest.mark.parametrize("dtype", [F32, F16])
-def test_swiglu_kernel_matches_the_modules(rows, n, d, config, dtype):
-    """As close to float64 as PyTorch's own modules in the same dtype (which round at the same steps)."""
-    from evosearch.kernels import swiglu
-
-    x, gate, up = swiglu_case(rows, n, d, dtype, seed=rows)
-    truth = swiglu.swiglu_reference(x.double(), gate.double(), up.double())
-    out = swiglu.swiglu_triton(x.reshape(1, rows, d), gate, up, config=config)
-    assert out.shape == (1, rows, n) and out.dtype == dtype
-    modules = swiglu.swiglu_reference(x, gate, up)
-    assert relative_error(out[0], truth) <= 1.5 * relative_error(modules, truth) + 1e-6
-
-
-@pytest.mark.gpu
-def test_swiglu_on_the_gpu_full_size():
-    from evosearch.kernels import swiglu
-
-    x, gate, up = swiglu_case(16384, 1536, 576, BF16, device=DEVICE)
-    truth = swiglu.swiglu_reference(x.double(), gate.double(), up.double())
-    out = swiglu.swiglu(x, gate, up)
-    assert relative_error(out, truth) <= 1.5 * relative_error(swiglu.swiglu_reference(x, gate, up), truth)
