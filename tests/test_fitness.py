@@ -67,3 +67,32 @@ def test_compiled_blocks_give_the_eager_values():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # it did compile
     for e, c in zip(eager, compiled):
         assert c == pytest.approx(e, rel=1e-4, abs=1e-7)
+
+
+def test_the_reference_runs_only_as_deep_as_the_batch_needs_and_extends_later():
+    """Blocks past a batch's latest first difference are not run for the reference; a later batch
+    with the same reference that needs them runs only those. Values equal the run without reuse."""
+    model = tiny_llama(layers=4)
+    arch = architecture(model)
+    problem = CompressionSpace.load("drop").materialize(arch, 0.25)
+    names = [u.name for u in problem.space.units]  # attention and MLP of each block, in block order
+    block = {u.name: problem.model_units[u.name].block for u in problem.space.units}
+    teacher = Teacher.build(model, torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0)),
+                            progress=False)
+    parent = {name: "keep" for name in names}
+    early = [dict(parent, **{n: "drop"}) for n in names if block[n] <= 1]
+    late = [dict(parent, **{n: "drop"}) for n in names if block[n] == 3] + [parent]
+    plain = KLFitness(CandidateModel(model, arch, problem, None), teacher, batch_size=2, reuse_prefix=False)
+    expected = [plain.evaluate_batch([a])[0] for a in early + late]
+
+    fitness = KLFitness(CandidateModel(model, arch, problem, None), teacher, batch_size=2)
+    runs = []
+    run = fitness._run_block
+    fitness._run_block = lambda blk, hidden, kwargs: runs.append(blk) or run(blk, hidden, kwargs)
+    first = fitness.evaluate_batch(early)  # each drops one unit: the consensus is the parent
+    reference_runs = len(runs) - sum(4 - block[n] for n in names if block[n] <= 1)
+    assert fitness._reference[2] == 1 and reference_runs == 1  # block 0 only: its output is block 1's input
+    runs.clear()
+    second = fitness.evaluate_batch(late)
+    assert fitness._reference[2] == 4 and len(runs) == 3 + 2  # blocks 1-3 for the reference, block 3 twice
+    assert first + second == expected

@@ -8,6 +8,8 @@
 #   bash benchmarks/device/phase.sh G      workers 1/2/4 on the GPU, every export's latency (9, 7)
 #   bash benchmarks/device/phase.sh H      every export again, 9 repetitions each (7)
 #   bash benchmarks/device/phase.sh S      50% and 60% sparsity searches with the default fast path (4, 6)
+#   bash benchmarks/device/phase.sh K      the GPU tests, fitness throughput (6)
+#   bash benchmarks/device/phase.sh T      fitness throughput with blocks compiled by max-autotune (6)
 # Tables and logs go to $OUT; benchmarks that append to benchmarks/RESULTS.md do so in this
 # copy, which comes back as $OUT/RESULTS.md. B's searches stay in /tmp/runs for D.
 phase=$1
@@ -71,6 +73,14 @@ E)  # what B and C left out: the remaining LLM searches (fewer generations) and 
 F)
   step gpu-tests 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_fitness.py tests/test_kernels.py
   step fitness 300 python3 benchmarks/fitness_gpu.py --device cuda --out "$OUT/fitness.md" --json "$OUT/fitness.json"
+  ;;
+K)
+  step gpu-tests 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_fitness.py tests/test_kernels.py
+  step fitness 330 python3 benchmarks/fitness_gpu.py --device cuda --no-gptq --out "$OUT/fitness.md" \
+    --json "$OUT/fitness.json"
+  ;;
+T)
+  step fitness-autotune 560 python3 benchmarks/fitness_gpu.py --device cuda --autotune --out "$OUT/autotune.md"
   ;;
 S)  # the searches of B with CUDA graphs and compiled blocks (the defaults now): search time and quality
   step search 330 python3 benchmarks/search_llm.py --device cuda --generations 100 --targets 0.5,0.6 --drop 0 \
