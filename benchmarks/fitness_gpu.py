@@ -7,8 +7,7 @@ For the packaged model on one GPU this measures, in one run:
   bit-width of the ``quant`` space (``--no-gptq`` skips the latter);
 - time per candidate at 4K, 16K and 64K calibration tokens for the fast path (database on
   the GPU, in-place swaps of the changed units, block-by-block runs with prefix reuse,
-  fused KL), in five variants: eager, CUDA graphs, ``torch.compile``'d blocks (attention
-  called eagerly between their halves), both, and both with attention compiled too;
+  fused KL), in four variants: eager, CUDA graphs, ``torch.compile``'d blocks, both;
   against the roofline: 2 x parameters x tokens / matmul rate + one read of the teacher at
   copy bandwidth;
 - where the time goes at 64K tokens: GPU kernel time by kind (matrix products,
@@ -53,9 +52,7 @@ from evosearch.units import architecture  # noqa: E402
 
 VARIANTS = {"eager": {"cuda_graphs": False}, "CUDA graphs": {"cuda_graphs": True},
             "compiled": {"compile_blocks": True, "cuda_graphs": False},
-            "compiled + CUDA graphs": {"compile_blocks": True, "cuda_graphs": True},
-            "compiled with attention + CUDA graphs": {"compile_blocks": True, "cuda_graphs": True,
-                                                      "compile_attention": True}}
+            "compiled + CUDA graphs": {"compile_blocks": True, "cuda_graphs": True}}
 AUTOTUNED = {"compiled (max-autotune) + CUDA graphs": {"compile_blocks": True, "cuda_graphs": True,
                                                        "compile_mode": "max-autotune-no-cudagraphs"}}
 

@@ -26,14 +26,10 @@ On a GPU two more things cut the cost of a candidate without changing its value:
 - ``compile_blocks``: ``torch.compile`` of a block fuses its norms, rotary embedding,
   activation and residual adds, which read and write the (tokens x hidden) activations
   many times in eager mode. One compiled graph serves every block of the same shape.
-  Attention (SDPA) is called eagerly between the two compiled halves of a block: traced
-  into the graph it was 2.2 ms slower per 64K-token forward on the H200 (13.6 against 11.4).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 from collections import Counter
 
@@ -46,17 +42,14 @@ from evosearch.evaluate import ROWS_PER_CHUNK, Teacher, default_batch_size, logi
 log = logging.getLogger("evosearch")
 
 GPU_LOGIT_BYTES = 2**30
-EAGER_SDPA = "evosearch_eager_sdpa"
 
 
 class KLFitness:
     def __init__(self, candidate: CandidateModel, teacher: Teacher, batch_size: int | None = None,
                  reuse_prefix: bool = True, compile_blocks: bool = False, cuda_graphs: bool | None = None,
-                 compile_mode: str | None = None, compile_attention: bool = False):
+                 compile_mode: str | None = None):
         """``cuda_graphs``: None captures them where they can run (model and teacher on a GPU).
-        ``compile_mode``: ``torch.compile``'s mode for the compiled blocks (None: its default).
-        ``compile_attention``: trace SDPA into the compiled blocks too; by default it is called
-        eagerly between two compiled halves of each block (measured faster on the H200)."""
+        ``compile_mode``: ``torch.compile``'s mode for the compiled blocks (None: its default)."""
         self.candidate = candidate
         self.teacher = teacher
         self.model = candidate.model
@@ -65,8 +58,6 @@ class KLFitness:
         self.reuse_prefix = reuse_prefix
         self._run_block = _compiled(run_block, compile_mode) if compile_blocks else run_block
         self._finish = _compiled(self.arch.finish, compile_mode) if compile_blocks else self.arch.finish
-        self._eager_attention = (compile_blocks and not compile_attention
-                                 and getattr(self.model.config, "_attn_implementation", None) == "sdpa")
         graphs_possible = candidate.device.type == "cuda" and _teacher_device(teacher) == candidate.device
         if cuda_graphs and not graphs_possible:
             log.info("CUDA graphs need the model and the teacher on one GPU: running without them")
@@ -98,10 +89,7 @@ class KLFitness:
     @torch.inference_mode()
     def evaluate_batch(self, assignments: list[dict], fidelity: int | None = None) -> list[float]:
         """KL of each assignment on the first ``fidelity`` calibration tokens (whole sequences)."""
-        with self._attention_eager():
-            return self._evaluate(assignments, self._sequences(fidelity))
-
-    def _evaluate(self, assignments: list[dict], n_sequences: int) -> list[float]:
+        n_sequences = self._sequences(fidelity)
         first_block = [0] * len(assignments)
         if self.reuse_prefix and len(assignments) > 1:
             reference = {unit: Counter(a[unit] for a in assignments).most_common(1)[0][0] for unit in assignments[0]}
@@ -115,19 +103,6 @@ class KLFitness:
             totals.append(self._kl(n_sequences, start))
         tokens = n_sequences * self.teacher.sequence_length
         return [total / tokens for total in torch.stack(totals).tolist()]
-
-    @contextlib.contextmanager
-    def _attention_eager(self):
-        """While the blocks run: SDPA through an attention function that ``torch.compile`` does not trace."""
-        if not self._eager_attention:
-            yield
-            return
-        config = self.model.config
-        config._attn_implementation = _register_eager_sdpa()
-        try:
-            yield
-        finally:
-            config._attn_implementation = "sdpa"
 
     def _sequences(self, tokens: int | None) -> int:
         length = self.teacher.sequence_length
@@ -239,18 +214,6 @@ class KLFitness:
 def _teacher_device(teacher: Teacher) -> torch.device:
     stored = teacher.logprobs if teacher.logprobs is not None else teacher.top_logprobs
     return stored.device
-
-
-@functools.cache
-def _register_eager_sdpa() -> str:
-    """Register transformers' SDPA attention under a name of its own, with ``torch.compile``
-    told not to trace it: compiled blocks call it eagerly (the same kernel, the inputs in the
-    layout the eager model gives it). Returns the name."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    AttentionInterface.register(EAGER_SDPA, torch.compiler.disable(sdpa_attention_forward))
-    return EAGER_SDPA
 
 
 def _compiled(fn, mode: str | None = None):

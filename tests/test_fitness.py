@@ -61,18 +61,12 @@ def test_compiled_blocks_give_the_eager_values():
 
     model = tiny_llama(layers=2)
     eager, _ = fitness_values(model, "cpu")
-    graphs = {}
-    for compile_attention in (False, True):
-        torch._dynamo.reset()
-        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-        compiled, fitness = fitness_values(model, "cpu", compile_blocks=True, compile_attention=compile_attention)
-        graphs[compile_attention] = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-        assert fitness._eager_attention == (not compile_attention)
-        assert model.config._attn_implementation == "sdpa"  # the model is left as it was
-        for e, c in zip(eager, compiled):
-            assert c == pytest.approx(e, rel=1e-4, abs=1e-7)
-    # It did compile; attention left out splits each block's graph around it.
-    assert graphs[False] > graphs[True] > 0
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled, _ = fitness_values(model, "cpu", compile_blocks=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before  # it did compile
+    for e, c in zip(eager, compiled):
+        assert c == pytest.approx(e, rel=1e-4, abs=1e-7)
 
 
 def test_the_reference_runs_only_as_deep_as_the_batch_needs_and_extends_later():

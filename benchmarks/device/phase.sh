@@ -75,8 +75,8 @@ F)
   step fitness 300 python3 benchmarks/fitness_gpu.py --device cuda --out "$OUT/fitness.md" --json "$OUT/fitness.json"
   ;;
 K)
-  step gpu-tests 150 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/test_fitness.py tests/test_kernels.py
-  step fitness 240 python3 benchmarks/fitness_gpu.py --device cuda --no-gptq --out "$OUT/fitness.md" \
+  step gpu-tests 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_fitness.py tests/test_kernels.py
+  step fitness 330 python3 benchmarks/fitness_gpu.py --device cuda --no-gptq --out "$OUT/fitness.md" \
     --json "$OUT/fitness.json"
   ;;
 T)
