@@ -180,6 +180,9 @@ def main() -> None:
     parser.add_argument("--database", default=None)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--no-gptq", action="store_true", help="skip the GPTQ database build")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="only the per-candidate ratio to the simple loop at the top token count, in N "
+                             "alternating rounds (default path: compiled blocks and CUDA graphs)")
     parser.add_argument("--autotune", action="store_true",
                         help="time only eager and blocks compiled with max-autotune (its compilation takes minutes)")
     args = parser.parse_args()
@@ -229,6 +232,47 @@ def main() -> None:
 
     def roofline(tokens: int) -> float:
         return 2 * params * tokens / flops + teacher.logprobs[:tokens].numel() * 2 / bandwidth
+
+    def simple_seconds(states: list[dict], tokens: int) -> float:
+        """The simple loop's time per candidate: load each whole state from host memory, score it."""
+        def reload_and_score():
+            for state in states:
+                model.load_state_dict(state)
+                reference_kl(model, teacher, tokens, batch)
+
+        seconds = timer(reload_and_score) / len(states)
+        candidate.restore()  # load_state_dict wrote behind the candidate's back: back to a known state
+        candidate.apply(parent)
+        return seconds
+
+    def states_of(assignments: list[dict]) -> list[dict]:
+        states = []
+        for c in assignments:
+            candidate.apply(c)
+            states.append({k: v.to("cpu", copy=True) for k, v in model.state_dict().items()})
+        return states
+
+    if args.paired:
+        # The per-candidate ratio at the top token count, measured in alternating rounds: the
+        # simple loop's time swings between runs (host-to-device copies on a shared host).
+        name = "compiled + CUDA graphs"
+        fitness = KLFitness(candidate, teacher, batch_size=batch, **VARIANTS[name])
+        for _ in range(2):
+            for tokens in (token_counts[1], top):
+                fitness.evaluate_batch(children, tokens)
+        states = states_of(children[:5])
+        candidate.apply(parent)
+        ratios = []
+        for i in range(args.paired):
+            fitness.evaluate_batch(children, token_counts[1])  # so the timed call rebuilds the reference
+            fast = timer(lambda: fitness.evaluate_batch(children, top)) / len(children)
+            simple = simple_seconds(states, top)
+            ratios.append(simple / fast)
+            row(f"{kilo(top)} tokens, round {i + 1}: simple loop / fast path ({name}) per candidate",
+                f"{simple * 1e3:.1f} / {fast * 1e3:.1f} ms = {simple / fast:.2f}x")
+        row(f"{kilo(top)} tokens: median of {args.paired} rounds", f"{statistics.median(ratios):.2f}x")
+        print(table(rows, args, device, tiny, length))
+        return
 
     # The fast path in each variant. Every batch is run twice first: graphs are captured on a
     # (batch, start block)'s second run, and compiled code on its first; then timed.
@@ -326,21 +370,8 @@ def main() -> None:
     # The simple reference loop: per candidate at 64K tokens, and per generation of multi-step selection.
     def simple_loop() -> None:
         stages = [(token_counts[0], 8), (token_counts[1], 2), (token_counts[2], 1)]
-        simple: dict[int, float] = {}
-        for tokens in token_counts:
-            host_states = []
-            for c in children[:3]:
-                candidate.apply(c)
-                host_states.append({k: v.to("cpu", copy=True) for k, v in model.state_dict().items()})
-
-            def reload_and_score(states=host_states, tokens=tokens):
-                for state in states:
-                    model.load_state_dict(state)
-                    reference_kl(model, teacher, tokens, batch)
-
-            simple[tokens] = timer(reload_and_score) / len(host_states)
-        candidate.restore()
-        candidate.apply(parent)
+        states = states_of(children[:3])
+        simple = {tokens: simple_seconds(states, tokens) for tokens in token_counts}
         row(f"{kilo(top)} tokens: simple reference loop per candidate",
             f"{simple[top] * 1e3:.1f} ms = {simple[top] / per_candidate[best, top]:.1f}x the fast path ({best})")
         evaluations = [(tokens, len(children) if i == 0 else stages[i - 1][1] + (i == len(stages) - 1))
@@ -408,6 +439,7 @@ def main() -> None:
 def table(rows, args, device: torch.device, tiny: bool, length: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     flags = "".join(f" --{f}" for f in ("tiny", "no_compile", "no_gptq", "autotune") if getattr(args, f))
+    flags += f" --paired {args.paired}" if args.paired else ""
     header = (f"Fitness throughput, {name}, {date.today()}, torch {torch.__version__}, packaged model, "
               f"sequences of {length} tokens, {args.candidates} EvoPress-like offspring of the uniform 50% "
               f"SparseGPT assignment.\nCommand: `python benchmarks/fitness_gpu.py --device {args.device}"

@@ -10,6 +10,7 @@
 #   bash benchmarks/device/phase.sh S      50% and 60% sparsity searches with the default fast path (4, 6)
 #   bash benchmarks/device/phase.sh K      the GPU tests, fitness throughput (6)
 #   bash benchmarks/device/phase.sh T      fitness throughput with blocks compiled by max-autotune (6)
+#   bash benchmarks/device/phase.sh P      the per-candidate ratio to the simple loop, three paired rounds (6)
 # Tables and logs go to $OUT; benchmarks that append to benchmarks/RESULTS.md do so in this
 # copy, which comes back as $OUT/RESULTS.md. B's searches stay in /tmp/runs for D.
 phase=$1
@@ -78,6 +79,9 @@ K)
   step gpu-tests 200 python3 -m pytest -q -rA -p no:cacheprovider tests/test_fitness.py tests/test_kernels.py
   step fitness 330 python3 benchmarks/fitness_gpu.py --device cuda --no-gptq --out "$OUT/fitness.md" \
     --json "$OUT/fitness.json"
+  ;;
+P)
+  step fitness-paired 200 python3 benchmarks/fitness_gpu.py --device cuda --no-gptq --paired 3 --out "$OUT/paired.md"
   ;;
 T)
   step fitness-autotune 560 python3 benchmarks/fitness_gpu.py --device cuda --autotune --out "$OUT/autotune.md"
