@@ -10,9 +10,11 @@ candidate is done once:
   rotary tables) are computed once per batch of calibration sequences;
 - *prefix reuse*: a batch of candidates (a selection stage) is scored against a
   reference, the level each unit takes in most of the batch (for EvoPress offspring,
-  their parent). The reference runs once and keeps each block's input; a candidate then
-  starts at the first block where it differs from the reference. Offspring that change
-  two or three units skip, on average, a third to a half of the model.
+  their parent). The reference runs once and keeps each block's input, up to the latest
+  block where a candidate of the batch first differs from it (a later batch with the same
+  reference extends that run if it needs to); a candidate then starts at its own first
+  difference. Offspring that change two or three units skip, on average, a third to a half
+  of the model.
 
 Both are exact: the same arithmetic runs on the same inputs, only fewer times.
 
