@@ -312,12 +312,29 @@ def main() -> None:
 
     # The sections below are independent: one that fails is a row saying so, and the rest still run.
     def guarded(section) -> None:
-        if args.autotune and section.__name__ != "occupancy":
-            return
         try:
             section()
         except Exception as exc:
             row(f"{section.__name__.replace('_', ' ')}", f"failed: {type(exc).__name__}: {str(exc)[:160]}")
+
+    # Is the GPU busy during a 64K selection stage of the best variant, or waiting on the host?
+    def occupancy() -> None:
+        if device.type != "cuda":
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        fitness = fitnesses[best]
+        fitness.evaluate_batch(children, token_counts[1])  # so the 64K call rebuilds the reference, as when timed
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            wall = timer(lambda: fitness.evaluate_batch(children, top))
+        busy = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                   for e in prof.key_averages()) / 1e6
+        row(f"{kilo(top)} tokens, {best}: GPU busy / wall time per candidate (profiled)",
+            f"{busy / len(children) * 1e3:.1f} / {wall / len(children) * 1e3:.1f} ms")
+    guarded(occupancy)
+    if args.autotune:  # its own run: the rest is the same as in a run without it
+        print(table(rows, args, device, tiny, length))
+        return
 
     # Where the time goes: no prefix reuse, one candidate, the whole model.
     def breakdown() -> None:
@@ -351,21 +368,6 @@ def main() -> None:
                         f"{rate / 1e12:.0f} / {causal / max(kinds['attention'], 1e-9) / 1e12:.0f} TFLOP/s")
     guarded(breakdown)
 
-    # Is the GPU busy during a 64K selection stage of the best variant, or waiting on the host?
-    def occupancy() -> None:
-        if device.type != "cuda":
-            return
-        from torch.profiler import ProfilerActivity, profile
-
-        fitness = fitnesses[best]
-        fitness.evaluate_batch(children, token_counts[1])  # so the 64K call rebuilds the reference, as when timed
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            wall = timer(lambda: fitness.evaluate_batch(children, top))
-        busy = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-                   for e in prof.key_averages()) / 1e6
-        row(f"{kilo(top)} tokens, {best}: GPU busy / wall time per candidate (profiled)",
-            f"{busy / len(children) * 1e3:.1f} / {wall / len(children) * 1e3:.1f} ms")
-    guarded(occupancy)
 
     # The simple reference loop: per candidate at 64K tokens, and per generation of multi-step selection.
     def simple_loop() -> None:

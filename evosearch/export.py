@@ -518,7 +518,7 @@ def expand_bitmask(tensors: dict[str, torch.Tensor], fmt: QuantFormat) -> torch.
     out, columns = tensors["weight_shape"].tolist()
     keep = unpack_mask(tensors["weight_mask"], columns)
     if fmt.symmetric:
-        zeros = torch.full((out, fmt.groups(columns)), 2 ** (fmt.bits - 1), dtype=torch.int64)
+        zeros = torch.full((out, fmt.groups(columns)), fmt.symmetric_zero, dtype=torch.int64)
     else:
         zeros = qkernel.unpack(tensors["weight_zero_point"].T.contiguous(), fmt.bits, out).T
     codes = zeros[:, fmt.group_index(columns)].clone()
@@ -588,7 +588,7 @@ class PackedLinear(nn.Module):
     def unpack_zeros(self) -> None:
         """Fill ``zeros`` (one uint8 per row and group, what the kernel reads) from the loaded tensors."""
         if self.fmt.symmetric:
-            self.zeros = torch.full_like(self.weight_scale, 2 ** (self.fmt.bits - 1), dtype=torch.uint8)
+            self.zeros = torch.full_like(self.weight_scale, self.fmt.symmetric_zero, dtype=torch.uint8)
         else:
             packed = self.weight_zero_point.T.contiguous()
             self.zeros = qkernel.unpack(packed, self.fmt.bits, self.out_features).T.to(torch.uint8).contiguous()

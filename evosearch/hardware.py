@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from evosearch import assets
-from evosearch.compression import SearchProblem
+from evosearch.compression import SearchProblem, parse_quant_key, quant_key
 from evosearch.database.quantization import rtn_quantize
 from evosearch.errors import EvosearchError
 from evosearch.export import (PackedLinear, is_semi_structured, pack_quantized, quant_format,
@@ -151,7 +151,7 @@ def latency_class(key: str) -> str:
     if quant_format(key) is not None:
         return key
     if key.startswith("zeros=") and ",bits=" in key:  # pruned then quantised: it runs as its packed format
-        return key.split(",", 1)[1]
+        return quant_key(0, parse_quant_key(key)[1])
     if key == "dense" or key.startswith("zeros=") or ":" in key:
         return "dense"
     if any(key.startswith(prefix) for prefix in UNIT_BUILDERS):

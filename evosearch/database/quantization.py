@@ -67,6 +67,11 @@ class QuantFormat:
     def maxq(self) -> int:
         return 2**self.bits - 1
 
+    @property
+    def symmetric_zero(self) -> int:
+        """The zero point the symmetric grid implies (the middle code), stored nowhere."""
+        return (self.maxq + 1) // 2
+
     def groups(self, columns: int) -> int:
         """Groups per row."""
         return 1 if self.group_size is None else -(-columns // self.group_size)
@@ -319,7 +324,7 @@ def recover_grid(W: torch.Tensor, fmt: QuantFormat) -> tuple[QuantizedWeight, to
     tolerance = 3 * torch.finfo(W.dtype).eps * Wf.abs()
     fallback = rtn_quantize(Wf, fmt)
     scales, zeros, found = fallback.scales, fallback.zeros.float(), torch.zeros_like(zeros_, dtype=torch.bool)
-    half = (fmt.maxq + 1) // 2
+    half = fmt.symmetric_zero
     anchor = torch.maximum(-xmin, xmax) if fmt.symmetric else xmax - xmin
     for k in range(half if fmt.symmetric else fmt.maxq, 0, -1):
         s = (anchor / k).masked_fill(anchor == 0, 1.0)
