@@ -20,9 +20,9 @@ Predicted: the kernel near the copy bandwidth, 3.0 ms for 64K rows with a float1
 (12.9 GB) and half that for top-k; PyTorch moves some 60 bytes an element (float32 copies,
 log-softmax, exp, difference, product, sum) against the kernel's 4, so 10-15x slower.
 
-The GPU image has torch and triton but not evosearch's search dependencies (optuna,
-pydantic), so this imports only ``kernels/`` and writes out the PyTorch formulas of those
-references, in float32 to time and in float64 for the truth.
+It imports the kernels as ``evosearch.kernels`` (``kernels/`` is a namespace folder, so that
+it never shadows the PyPI package ``kernels`` that transformers imports) and writes out the
+PyTorch formulas of those references, in float32 to time and in float64 for the truth.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are defined, at import
-    from kernels import kl, kl_triton
+    from evosearch.kernels import kl, kl_triton
 
     timed = args.device == "cuda"
     if timed:

@@ -6,7 +6,12 @@ from pathlib import Path
 # In a source checkout, kernels/ and spaces/ sit beside this package, and pyproject.toml's
 # package-dir maps them to evosearch.kernels and evosearch.spaces when installed. Look for them
 # there too, so that a checkout run with PYTHONPATH=. imports its own copies (and not those of
-# another checkout that is pip-installed in editable mode).
+# another checkout that is pip-installed in editable mode). Neither folder has an __init__.py:
+# Python runs from the checkout's root with that root first on sys.path, and a regular package
+# there named `kernels` (or `spaces`, `tests`, `benchmarks`) would shadow the PyPI distribution
+# of that name for every library that imports it (transformers imports `kernels`). A folder
+# without __init__.py is a namespace portion, which loses to any regular package found later on
+# the path (tests/test_install.py).
 if (Path(__file__).resolve().parent.parent / "pyproject.toml").is_file():
     __path__.append(str(Path(__file__).resolve().parent.parent))
 

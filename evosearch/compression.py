@@ -30,10 +30,11 @@ from evosearch.units import Architecture, ModelUnit
 
 
 def _spaces_dir() -> Path:
-    """The ready spaces: ``spaces/`` in a checkout, ``evosearch/spaces/`` in an installed wheel."""
+    """The ready spaces: ``spaces/`` in a checkout, ``evosearch/spaces/`` in an installed wheel (a namespace
+    package: a folder without ``__init__.py``, see ``evosearch/__init__.py``)."""
     import evosearch.spaces
 
-    return Path(evosearch.spaces.__file__).parent
+    return Path(next(iter(evosearch.spaces.__path__)))
 
 
 class _Spec(BaseModel):

@@ -113,10 +113,7 @@ from evosearch.database.store import Database
 from evosearch.errors import EvosearchError
 from evosearch.units import Architecture, ModelUnit, architecture
 
-try:  # installed, kernels/ is the package evosearch.kernels; in a source checkout it is kernels
-    from evosearch.kernels import quant as qkernel
-except ImportError:
-    from kernels import quant as qkernel
+from evosearch.kernels import quant as qkernel
 
 log = logging.getLogger("evosearch")
 

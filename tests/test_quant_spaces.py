@@ -326,7 +326,7 @@ def test_joint_export_writes_what_packed_bytes_counts_and_bitmask_layers_reload_
     from safetensors.torch import load_file
 
     from evosearch.export import ExportJob, expand_bitmask, export_model, load_exported, run_exporters, unpack_mask
-    from kernels.quant import pack
+    from evosearch.kernels.quant import pack
 
     arch = architecture(llama)
     problem = space("sparsity-quant", pruning="magnitude", method="rtn", group_size=16, sparsity=[0.0, 0.5],
@@ -391,7 +391,7 @@ def test_joint_export_writes_what_packed_bytes_counts_and_bitmask_layers_reload_
 def test_the_bitmask_layout_keeps_a_kept_weight_at_its_zero_point():
     """A mask may keep weights whose code is the zero point (a pruning mask does): they round-trip too."""
     from evosearch.export import expand_bitmask, pack_quantized
-    from kernels.quant import pack
+    from evosearch.kernels.quant import pack
 
     fmt = QuantFormat(3, 4)
     codes = torch.randint(0, 8, (3, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -1,1 +1,0 @@
-"""GPU kernels (Triton), each with a PyTorch reference; shipped as ``evosearch.kernels``."""

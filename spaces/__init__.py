@@ -1,1 +1,0 @@
-"""Ready search spaces as YAML files, shipped as ``evosearch.spaces``."""
