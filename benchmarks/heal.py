@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evosearch.data import load_corpus  # noqa: E402
-from evosearch.database.build import capture_block_inputs, run_block  # noqa: E402
+from evosearch.blocks import capture_block_inputs, run_block  # noqa: E402
 from evosearch.database.hessian import Hessian  # noqa: E402
 from evosearch.database.quantization import GPTQ, QuantFormat  # noqa: E402
 from evosearch.evaluate import perplexity  # noqa: E402

@@ -37,7 +37,8 @@ import yaml
 from evosearch import assets
 from evosearch.compression import CompressionSpace
 from evosearch.data import load_corpus
-from evosearch.database.build import _hessian_hooks, capture_block_inputs, run_block
+from evosearch.blocks import capture_block_inputs, run_block
+from evosearch.database.build import _hessian_hooks
 from evosearch.database.hessian import layer_error
 from evosearch.database.store import Database
 from evosearch.model import load_model

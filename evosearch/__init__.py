@@ -15,14 +15,23 @@ from pathlib import Path
 if (Path(__file__).resolve().parent.parent / "pyproject.toml").is_file():
     __path__.append(str(Path(__file__).resolve().parent.parent))
 
+from evosearch.engine import FunctionFitness, SearchResult, search  # noqa: E402
 from evosearch.errors import EvosearchError  # noqa: E402
+from evosearch.space import Budget, Space, Unit  # noqa: E402
+from evosearch.version import __version__  # noqa: E402
 
-__version__ = "0.1.0"
 
-from evosearch.space import Budget, Space, Unit  # noqa: E402  (after __version__, which engine reads)
-from evosearch.engine import SearchResult, search  # noqa: E402
+def __getattr__(name: str):
+    # evosearch.compress is the main job (evosearch.pipeline), loaded on first use: importing it brings
+    # torch and transformers, which `import evosearch` for a plain search does not need.
+    if name == "compress":
+        from evosearch.pipeline import compress
+
+        return compress
+    raise AttributeError(f"module 'evosearch' has no attribute {name!r}")
+
 
 logging.getLogger("evosearch").addHandler(logging.NullHandler())
 
-__all__ = ["EvosearchError", "__version__"]
-__all__ += ["Space", "Unit", "Budget", "search", "SearchResult"]
+__all__ = ["EvosearchError", "__version__", "Space", "Unit", "Budget", "search", "SearchResult", "FunctionFitness",
+           "compress"]

@@ -1,28 +1,22 @@
 """A model that takes on any candidate assignment by in-place weight copies.
 
-Compress once, swap many times: every level's weights come from the database (or, for
-"dense" and "drop", from a copy of the dense weights and from zeros), and moving to a new
-assignment copies only the units whose level changed, with ``param.data.copy_`` so that
-parameter storage never moves (CUDA graphs and compiled code stay valid).
-
-A dropped attention or MLP block has its output projection zeroed: the residual stream
-passes through unchanged, exactly as if the block were removed. The block still runs
-during the search; export removes it for real.
-
-A sub-network level (width spaces) zeroes the pruned groups' rows of the input
-projections and columns of the output projection, computed from the dense weights and
-the importance order stored in the database; with ``fitness: reformed`` the output
-projection comes from the database, rectified for that width.
+Compress once, swap many times: the values of a unit's parameters at a level come from its
+kind (``Compression.tensors``: the database entry, the dense weights, zeros, a mask of the
+dense weights...), and moving to a new assignment copies only the units whose level
+changed, with ``param.data.copy_`` so that parameter storage never moves (CUDA graphs and
+compiled code stay valid).
 """
 
 from __future__ import annotations
 
 import torch
 
-from evosearch import subnetwork
-from evosearch.compression import SearchProblem, WidthSpace
 from evosearch.database.store import Database
+from evosearch.kinds.base import Dense, Level
+from evosearch.problem import SearchProblem
 from evosearch.units import Architecture
+
+CHANGED = "changed"  # the state of a unit whose weights were changed outside ``apply``
 
 
 class CandidateModel:
@@ -30,72 +24,47 @@ class CandidateModel:
         self.model = model
         self.arch = arch
         self.problem = problem
+        self.kind = problem.compression
         self.database = database
         self.device = next(model.parameters()).device
         self.params = dict(model.named_parameters())
-        self.current = {unit: "dense" for unit in problem.keys}
+        self.current: dict[str, Level | str] = {unit: Dense() for unit in problem.model_units}
+        self.searching = True  # kinds may score a level differently during the search (``tensors``)
         self._resident: dict[tuple[str, str], dict[str, torch.Tensor]] = {}  # database entries on the device
-        self.width = isinstance(problem.spec.compression, WidthSpace)
-        # Width levels take their output projection from the database (rectified) or mask the dense one.
-        self.reformed_levels = self.width and problem.spec.compression.fitness == "reformed"
-        self._orders: dict[str, torch.Tensor] = {}
+        self._levels = {unit: {level.key for level in levels} for unit, levels in problem.levels.items()}
         self.dense: dict[str, torch.Tensor] = {}
-        for unit in problem.keys:
-            for name in self._touched(unit):
+        for unit, mu in problem.model_units.items():
+            for name in self.kind.parameters(arch, mu):
                 self.dense[name] = self.params[name].detach().clone()
 
-    def _touched(self, unit: str) -> list[str]:
-        """Names of the parameters a unit's levels may change."""
-        mu = self.problem.model_units[unit]
-        if mu.kind == "linear":
-            linears = [unit]
-        else:
-            outputs = {"attention": [self.arch.attention_linears(mu.block)[1]],
-                       "mlp": [self.arch.mlp_linears(mu.block)[1]],
-                       "block": [self.arch.attention_linears(mu.block)[1], self.arch.mlp_linears(mu.block)[1]]}
-            dropping = "drop" in self.problem.keys[unit] and not self.width
-            linears = outputs[mu.kind] if dropping else list(mu.linears)
-        return [f"{name}.{p}" for name in linears for p in ("weight", "bias") if f"{name}.{p}" in self.params]
-
-    def tensors(self, unit: str, key: str) -> dict[str, torch.Tensor]:
-        """The parameter values of ``unit`` at the level stored under ``key``."""
-        if key == "dense":
-            return {name: self.dense[name] for name in self._touched(unit)}
-        if key == "drop":
-            return {name: torch.zeros_like(self.dense[name]) for name in self._touched(unit)}
-        if self.width:
-            return self._width_tensors(unit, key)
+    def get(self, unit: str, key: str, device=None) -> dict[str, torch.Tensor]:
+        """A database entry, from the device when it is held there. Entries that are no level (a width
+        unit's importance order) are small and read on every swap, so they are kept once read."""
         if (unit, key) in self._resident:
             return self._resident[unit, key]
-        return self.database.get(unit, key, device=self.device)
+        entry = self.database.get(unit, key, device=self.device)
+        if key not in self._levels[unit]:
+            self._resident[unit, key] = entry
+        return entry
 
-    def _width_tensors(self, unit: str, key: str) -> dict[str, torch.Tensor]:
-        if unit not in self._orders:
-            self._orders[unit] = self.database.get(unit, "order", device=self.device)["order"]
-        lay = subnetwork.layout(self.arch, self.problem.model_units[unit])
-        kept = subnetwork.kept_by_order(self._orders[unit], int(key.split("=")[1]))
-        values = subnetwork.masked(lay, kept, {name: self.dense[name] for name in self._touched(unit)})
-        if self.reformed_levels:
-            values |= self.database.get(unit, key, device=self.device)
-        return values
+    def tensors(self, unit: str, level: Level) -> dict[str, torch.Tensor]:
+        """The values of ``unit``'s parameters at ``level``."""
+        return self.kind.tensors(self.arch, self.problem.model_units[unit], level, self.dense, self,
+                                 device=self.device, searching=self.searching)
 
     def preload(self, max_bytes: float | None = None) -> int:
-        """Keep every database entry of the problem on the model's device, so a swap is one
-        device-to-device copy. Stops at ``max_bytes``; returns the bytes held.
-
-        Width levels are masks of the dense weights kept here already, so they hold nothing."""
-        if self.width:
-            return 0
+        """Keep the problem's stored levels on the model's device, so a swap is one device-to-device
+        copy. Stops at ``max_bytes``; returns the bytes held."""
         held = sum(t.numel() * t.element_size() for entry in self._resident.values() for t in entry.values())
-        for unit, keys in self.problem.keys.items():
-            for key in keys:
-                if key in ("dense", "drop") or (unit, key) in self._resident:
+        for unit, levels in self.problem.levels.items():
+            for level in levels:
+                if not self.kind.stored(level) or (unit, level.key) in self._resident:
                     continue
-                entry = self.database.get(unit, key, device=self.device)
+                entry = self.database.get(unit, level.key, device=self.device)
                 size = sum(t.numel() * t.element_size() for t in entry.values())
                 if max_bytes is not None and held + size > max_bytes:
                     return held
-                self._resident[unit, key] = entry
+                self._resident[unit, level.key] = entry
                 held += size
         return held
 
@@ -103,26 +72,36 @@ class CandidateModel:
     def apply(self, assignment: dict) -> int:
         """Put the assignment's levels in place; returns how many units changed."""
         changed = 0
-        for unit, level in assignment.items():
-            key = self.problem.key(unit, level)
-            if key == self.current[unit]:
+        for unit, label in assignment.items():
+            level = self.problem.level(unit, label)
+            if level == self.current[unit]:
                 continue
-            for name, value in self.tensors(unit, key).items():
-                self.params[name].data.copy_(value)
-            self.current[unit] = key
+            self._copy(unit, level)
             changed += 1
         return changed
+
+    def _copy(self, unit: str, level: Level) -> None:
+        for name, value in self.tensors(unit, level).items():
+            self.params[name].data.copy_(value)
+        self.current[unit] = level
+
+    def end_search(self) -> None:
+        """From here on levels take their final form (``searching=False``); copy every unit again."""
+        self.searching = False
+        self.mark_changed(self.problem.model_units)
 
     def mark_changed(self, units) -> None:
         """The weights of ``units`` were changed outside ``apply`` (reformed, say): copy them again next time."""
         for unit in units:
-            self.current[unit] = "changed"
+            self.current[unit] = CHANGED
 
     @torch.no_grad()
     def restore(self) -> None:
         """Back to the dense model (whether or not "dense" is one of the searched levels)."""
-        for unit, key in self.current.items():
-            if key != "dense":
-                for name, value in self.tensors(unit, "dense").items():
-                    self.params[name].data.copy_(value)
-                self.current[unit] = "dense"
+        for unit, level in self.current.items():
+            if level != Dense():
+                self._copy(unit, Dense())
+
+    def levels(self) -> dict[str, Level]:
+        """The level each unit holds now (``CHANGED`` for one changed outside ``apply``)."""
+        return dict(self.current)

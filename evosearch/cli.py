@@ -285,7 +285,8 @@ def cmd_units(args) -> int:
 def cmd_search(args) -> int:
     from pydantic import ValidationError
 
-    from evosearch.pipeline import SearchSettings, run_search
+    from evosearch.pipeline import run_search
+    from evosearch.settings import SearchSettings
 
     try:
         fidelities = [int(v) for v in args.fidelities.split(",")]
@@ -346,37 +347,37 @@ def _print_written(out: str) -> None:
           f"`evosearch show {out}` summarises it, `evosearch report {out}` plots it")
 
 
-def print_report(report: dict) -> None:
-    """The before/after table of a search."""
-    ppl, budget, params = report["perplexity"], report["budget"], report["parameters"]
-    baselines = report.get("baselines", {})
-    columns = ["dense", *baselines, report["search"]["sampler"]]
+def print_report(result) -> None:
+    """The before/after table of a search (a ``RunResult``)."""
+    ppl, budget, params = result.perplexity, result.budget, result.parameters
+    baselines = result.baselines
+    columns = ["dense", *baselines, result.search.sampler]
     rows = [
-        ("perplexity", [ppl["dense"], *(b["perplexity"] for b in baselines.values()), ppl["compressed"]], ".3f"),
-        (f"KL to dense ({report['fitness']['tokens']} tokens)",
-         [0.0, *(b["kl"] for b in baselines.values()), report["fitness"]["kl"]], ".4f"),
+        ("perplexity", [ppl["dense"], *(b.perplexity for b in baselines.values()), ppl["compressed"]], ".3f"),
+        (f"KL to dense ({result.fitness['tokens']} tokens)",
+         [0.0, *(b.kl for b in baselines.values()), result.fitness["kl"]], ".4f"),
     ]
-    if "reformation" in report:  # sub-networks: the numbers above are after reformation
-        rows.insert(1, ("perplexity before reformation", [ppl["dense"], *(b["reformation"]["perplexity_before"]
-                        for b in baselines.values()), report["reformation"]["perplexity_before"]], ".3f"))
-    width = max(len(r[0]) for r in rows + [(f"{budget['label']} (target {budget['value']:g})",)])
-    print(f"\n{report['space']['name']} search with {report['search']['sampler']}: "
-          f"{report['search']['evaluations']} evaluations in {report['search']['seconds']:.0f} s "
+    if result.reformation:  # sub-networks: the numbers above are after reformation
+        rows.insert(1, ("perplexity before reformation", [ppl["dense"], *(b.reformation["perplexity_before"]
+                        for b in baselines.values()), result.reformation["perplexity_before"]], ".3f"))
+    label = f"{budget.label} (target {budget.value:g})"
+    width = max(len(r[0]) for r in rows + [(label,)])
+    print(f"\n{result.space['name']} search with {result.search.sampler}: "
+          f"{result.search.evaluations} evaluations in {result.search.seconds:.0f} s "
           f"(perplexity on {ppl['tokens']:,} held-out tokens of {ppl['corpus']})")
     print(f"{'':<{width}}" + "".join(f"  {c:>12}" for c in columns))
     for name, values, fmt in rows:
         print(f"{name:<{width}}" + "".join(f"  {v:>12{fmt}}" for v in values))
-    label = f"{budget['label']} (target {budget['value']:g})"
-    if budget.get("whole_model_planned") is not None:
-        where = f" on {budget['target']}" if budget.get("target") else ""
-        print(f"{label:<{width}}  whole model planned{where}: {budget['whole_model_planned']:.4g} "
+    if budget.whole_model_planned is not None:
+        where = f" on {budget.target}" if budget.target else ""
+        print(f"{label:<{width}}  whole model planned{where}: {budget.whole_model_planned:.4g} "
               f"(measure the export: evosearch export, benchmarks/export_latency.py)")
     else:
-        print(f"{label:<{width}}  counted from the searched model's weights: {budget['measured']:.4f}")
+        print(f"{label:<{width}}  counted from the searched model's weights: {budget.measured:.4f}")
     print(f"{'parameters in searched units':<{width}}  {params['dense'] / 1e6:.2f}M dense, "
           f"{params['kept'] / 1e6:.2f}M kept")
-    if "quantization" in report:
-        q = report["quantization"]
+    if result.quantization:
+        q = result.quantization
         print(f"{'packed searched units':<{width}}  {q['bytes'] / 2**20:.2f} MiB ({q['fp16_fraction']:.1%} of float16), "
               f"{q['bits']:.3f} bits per weight on average (scales and zero points apart)")
 
@@ -396,9 +397,8 @@ def cmd_profile(args) -> int:
     target = args.target or device.type
     workload = hardware.Workload(batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens)
     bits = tuple(args.bits) if args.bits else hardware.DEFAULT_BITS
-    for key in bits:
-        hardware.latency_class(key)  # an unknown key fails before minutes of timing
-    table = hardware.profile(model, target, workload, classes=("dense", "2:4", *bits))
+    classes = hardware.latency_classes(("dense", "2:4", *bits))  # an unknown name fails before minutes of timing
+    table = hardware.profile(model, target, workload, classes=classes)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     path = table.save(args.out or hardware.default_path(model_fingerprint(model), target, dtype, workload))
     print(f"{table.device} ({target}, {dtype}), batch {args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens")

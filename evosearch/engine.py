@@ -15,18 +15,18 @@ or by repair), so they carry none: a constraint that is always met tells a sampl
 nothing, and GP then fits a feasibility model for nothing (20 GP trials on a 16-unit
 problem: 8.1 s with such constraints, 3.8 s without).
 
-The fitness is a callable ``f(assignment) -> float`` (lower is better). A fitness
-that can be scored at several fidelities (say, numbers of calibration tokens)
-declares them as an attribute, ``f.fidelities = [2048, 16384, 65536]``, and is
-called ``f(assignment, fidelity)``. An object with a method
-``evaluate_batch(assignments, fidelity)`` (fidelity is None for a single-fidelity
-fitness) is called with a whole selection stage at once, for GPU batching or for
-worker processes (`evosearch.workers.Workers`); one that evaluates in parallel says how
-many at once as ``f.parallelism``, and Optuna's samplers then ask that many trials at a
-time. One that can start a batch and be waited for later has ``submit(assignments,
-fidelity)``, which returns a function that waits for the values: the engine opens the
-candidates' trials in between. The fitness must be deterministic: a value is computed
-once per (assignment, fidelity).
+The fitness is a ``Fitness``: an object with ``evaluate_batch(assignments, fidelity) ->
+values`` (lower is better) and ``fidelities``, the fidelities it can score at (say, numbers
+of calibration tokens, increasing) or None for a single-fidelity fitness (then ``fidelity``
+is None). A whole selection stage is one batch, for GPU batching or for worker processes
+(`evosearch.workers.Workers`); one that evaluates in parallel says how many at once as
+``parallelism``, and Optuna's samplers then ask that many trials at a time. One that can
+start a batch and be waited for later has ``submit(assignments, fidelity)``, which returns
+a function that waits for the values: the engine opens the candidates' trials in between.
+A plain function ``f(assignment) -> float`` is a single-fidelity fitness
+(``FunctionFitness`` wraps it; ``FunctionFitness(f, fidelities=[...])`` one called as
+``f(assignment, fidelity)``). The fitness must be deterministic: a value is computed once
+per (assignment, fidelity).
 
 Resume: the `Evaluator` reads every value already in the storage (reports of all
 trials, whatever their state) into a memo, and samplers derive their random numbers
@@ -47,8 +47,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 import optuna
@@ -58,17 +57,48 @@ from optuna.trial import TrialState
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from evosearch import __version__
 from evosearch.errors import EvosearchError
-from evosearch.samplers import Sampler, make_sampler
+from evosearch.samplers import make_sampler
+from evosearch.samplers.base import Context, Sampler, SearchStopped
 from evosearch.samplers.baselines import uniform_candidates
 from evosearch.space import Assignment, Budget, Feasibility, Space
+from evosearch.version import __version__
 
 logger = logging.getLogger("evosearch")
 
 
-class SearchStopped(Exception):
-    """Raised inside a sampler when the evaluation cap (n_trials) is reached."""
+@runtime_checkable
+class Fitness(Protocol):
+    """What `search` scores candidates with (see the module docstring); lower is better."""
+
+    fidelities: list[int] | None  # increasing fidelities it scores at, or None: one fidelity
+
+    def evaluate_batch(self, assignments: list[Assignment], fidelity: int | None) -> list[float]: ...
+
+
+class FunctionFitness:
+    """A plain function as a ``Fitness``: ``f(assignment)``, or with ``fidelities`` ``f(assignment, fidelity)``."""
+
+    def __init__(self, function: Callable, fidelities: list[int] | None = None):
+        self.function = function
+        self.fidelities = None if fidelities is None else list(fidelities)
+
+    def evaluate_batch(self, assignments: list[Assignment], fidelity: int | None) -> list[float]:
+        if self.fidelities is None:
+            return [self.function(a) for a in assignments]
+        return [self.function(a, fidelity) for a in assignments]
+
+
+def as_fitness(fitness) -> Fitness:
+    """A ``Fitness`` as it is, a plain function as a single-fidelity ``FunctionFitness``."""
+    if hasattr(fitness, "evaluate_batch"):
+        return fitness
+    if not callable(fitness):
+        raise EvosearchError("fitness must be a Fitness (evaluate_batch, fidelities) or a function f(assignment)")
+    if getattr(fitness, "fidelities", None) is not None:
+        raise EvosearchError("a multi-fidelity fitness function: pass FunctionFitness(f, fidelities=[...]) instead "
+                             "of setting f.fidelities")
+    return FunctionFitness(fitness)
 
 
 class Evaluator:
@@ -84,7 +114,7 @@ class Evaluator:
         study: optuna.Study,
         space: Space,
         budgets: list[Budget],
-        fitness: Callable,
+        fitness: Fitness,
         max_evaluations: int | None,
         tradeoff: Budget | None,
         bar: tqdm,
@@ -93,9 +123,8 @@ class Evaluator:
         self.max_evaluations = max_evaluations
         self.tradeoff = tradeoff
         self.bar = bar
-        # fidelities = None declares a single-fidelity fitness as much as no attribute does
-        self._submit = _submitter(fitness, multi_fidelity=getattr(fitness, "fidelities", None) is not None)
-        self._batched = hasattr(fitness, "evaluate_batch")
+        self._submit = _submitter(fitness)
+        self._batched = not isinstance(fitness, FunctionFitness)  # a function is called one assignment at a time
         self.memo: dict[tuple[tuple[int, ...], int], float] = {}
         self._open: dict[tuple[int, ...], optuna.Trial] = {}
         self.best = math.inf
@@ -194,6 +223,7 @@ class Evaluator:
             trial = self._open.pop(key)
             value = self.memo[key, fidelity]
             trial.set_user_attr("fidelity", fidelity)
+            trial.set_user_attr("evaluations", self.n_evaluations)  # done when it completed: convergence plots
             values = [value]
             if self.tradeoff is not None:
                 values.append(self.tradeoff.usage(self.space, assignment))
@@ -209,10 +239,8 @@ class Evaluator:
         self._open.clear()
 
 
-def fidelities_of(fitness: Callable) -> list[int]:
+def fidelities_of(fitness: Fitness) -> list[int]:
     """The fitness' declared fidelities, or [0] for a single-fidelity fitness."""
-    if not callable(fitness) and not hasattr(fitness, "evaluate_batch"):
-        raise EvosearchError("fitness must be callable as f(assignment) or have an evaluate_batch method")
     declared = getattr(fitness, "fidelities", None)
     if declared is None:
         return [0]
@@ -224,43 +252,28 @@ def fidelities_of(fitness: Callable) -> list[int]:
     return [int(f) for f in fidelities]
 
 
-def _submitter(fitness: Callable, multi_fidelity: bool) -> Callable[[list[Assignment], int], Callable[[], list[float]]]:
+def _submitter(fitness: Fitness) -> Callable[[list[Assignment], int], Callable[[], list[float]]]:
     """``submit(assignments, fidelity)`` returns a function that waits for their values. A fitness
     with its own ``submit`` starts evaluating at once (workers do, while the trials are opened);
     any other is called when the values are waited for, after its trials are open."""
+    multi = getattr(fitness, "fidelities", None) is not None
     if hasattr(fitness, "submit"):
-        return lambda assignments, fidelity: fitness.submit(assignments, fidelity if multi_fidelity else None)
-    call = _caller(fitness, multi_fidelity)
-    return lambda assignments, fidelity: lambda: call(assignments, fidelity)
+        return lambda assignments, fidelity: fitness.submit(assignments, fidelity if multi else None)
+    return lambda assignments, fidelity: lambda: list(fitness.evaluate_batch(assignments, fidelity if multi else None))
 
 
-def _caller(fitness: Callable, multi_fidelity: bool) -> Callable[[list[Assignment], int], list[float]]:
-    if hasattr(fitness, "evaluate_batch"):
-        return lambda assignments, fidelity: list(fitness.evaluate_batch(assignments, fidelity if multi_fidelity else None))
-    if multi_fidelity:
-        return lambda assignments, fidelity: [fitness(a, fidelity) for a in assignments]
-    return lambda assignments, fidelity: [fitness(a) for a in assignments]
+class _BarProgress:
+    """The samplers' ``Progress``, drawn as a tqdm bar the engine owns."""
 
+    def __init__(self, bar: tqdm):
+        self.bar = bar
 
-@dataclass
-class Context:
-    """What a sampler gets: the problem, the study, the evaluator and the progress bar."""
+    def start(self, total: int | None, unit: str = "it") -> None:
+        self.bar.reset(total=total)
+        self.bar.unit = unit
 
-    space: Space
-    budgets: list[Budget]
-    feasibility: Feasibility
-    anchor: np.ndarray  # a feasible assignment (level indices), the target of repair
-    seed: int
-    fidelities: list[int]
-    n_trials: int | None
-    study: optuna.Study
-    evaluator: Evaluator
-    bar: tqdm
-    parallelism: int = 1  # evaluations the fitness runs at once (workers)
-
-    def rng(self, *step: int) -> np.random.Generator:
-        """The random stream of one step of the search; the same on every replay."""
-        return np.random.default_rng([self.seed, *step])
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
 
 
 class Candidate(BaseModel):
@@ -284,12 +297,99 @@ class TrialRecord(BaseModel):
     feasible: bool
 
 
+class Point(BaseModel):
+    """One complete candidate that meets the budget: its fitness, and when the search had it."""
+
+    trial: int
+    value: float
+    fidelity: int
+    evaluations: int  # fitness evaluations done when it completed
+    usage: dict[str, float]
+    tradeoff: float | None = None  # the second objective of a multi-objective search
+    assignment: dict[str, int | float | str]
+
+
+class History(BaseModel):
+    """A study's candidates, as ``show``, ``report`` and ``SearchResult`` read them (``history``)."""
+
+    name: str
+    states: dict[str, int]  # trials per state
+    evaluations: int  # fitness evaluations stored (one per assignment and fidelity)
+    budgets: list[dict]
+    sampler: str
+    tradeoff: dict | None = None  # a multi-objective search's second objective: {"label", "direction"}
+    points: list[Point]  # complete feasible candidates at the highest fidelity any reached, in completion order
+
+    @property
+    def best(self) -> Point | None:
+        return min(self.points, key=lambda p: (p.value, p.trial)) if self.points else None
+
+    def pareto(self) -> list[Point]:
+        """Candidates no other beats on both fitness and the traded-off resource (multi-objective only),
+        one per assignment, by fitness."""
+        if self.tradeoff is None:
+            return []
+        sign = 1 if self.tradeoff["direction"] == "minimize" else -1
+        unique = {json.dumps(p.assignment, sort_keys=True): p for p in self.points}.values()
+        scored = [(p, (p.value, sign * p.tradeoff)) for p in unique]
+        front = [p for p, a in scored if not any(b[0] <= a[0] and b[1] <= a[1] and b != a for _, b in scored)]
+        return sorted(front, key=lambda p: (p.value, p.trial))
+
+
+def history(study: optuna.Study) -> History:
+    """The candidates of an evosearch study. A trial records the evaluations done when it completed
+    (``Evaluator.complete``); for studies of evosearch < 0.2, which did not, they are counted here as
+    the engine's memo counts them: one per (assignment, fidelity), by the first trial that needed it,
+    in the order trials were closed."""
+    settings = study.user_attrs.get("evosearch", {})
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    states: dict[str, int] = {}
+    seen: set[tuple[str, int]] = set()
+    new_evaluations = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+        if "assignment" not in t.user_attrs:
+            continue
+        key = json.dumps(t.user_attrs["assignment"], sort_keys=True)
+        steps = set(t.intermediate_values)
+        if t.state == TrialState.COMPLETE:
+            steps.add(t.user_attrs.get("fidelity", 0))
+        if "failed_fidelity" in t.user_attrs:
+            steps.add(t.user_attrs["failed_fidelity"])
+        new_evaluations[t.number] = len({(key, step) for step in steps} - seen)
+        seen.update((key, step) for step in steps)
+    done, points = 0, []
+    for t in sorted((t for t in trials if t.datetime_complete), key=lambda t: (t.datetime_complete, t.number)):
+        done += new_evaluations.get(t.number, 0)
+        if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible") and "assignment" in t.user_attrs:
+            points.append(Point(trial=t.number, value=t.values[0], fidelity=t.user_attrs.get("fidelity", 0),
+                                evaluations=t.user_attrs.get("evaluations", done), usage=t.user_attrs.get("usage", {}),
+                                tradeoff=t.values[1] if len(t.values) > 1 else None,
+                                assignment=t.user_attrs["assignment"]))
+    top = max((p.fidelity for p in points), default=0)
+    return History(name=study.study_name, states=states, evaluations=len(seen), budgets=settings.get("budgets", []),
+                   sampler=settings.get("sampler", "?"), tradeoff=_tradeoff(study, settings),
+                   points=[p for p in points if p.fidelity == top])
+
+
+def _tradeoff(study: optuna.Study, settings: dict) -> dict | None:
+    """The second objective, named like the engine measures it: the budget on its resource, else a total."""
+    if len(study.directions) < 2:
+        return None
+    budgets = settings.get("budgets") or [{}]
+    resource = settings.get("sampler_options", {}).get("resource") or budgets[0].get("resource", "resource")
+    budget = next((b for b in budgets if b.get("resource") == resource), {})
+    form = "average" if "average" in budget or "max_average" in budget else "total"
+    return {"label": f"{form} {resource}", "direction": study.directions[1].name.lower()}
+
+
 class SearchResult(BaseModel):
     """What a search found. JSON-serialisable (``result.model_dump_json()``)."""
 
     best: Candidate
     pareto: list[Candidate]  # fitness vs the traded-off resource (multi-objective samplers only)
     trials: list[TrialRecord]
+    history: History
     n_evaluations: int  # fitness calls stored in the study, over all runs of it
     study_name: str
     settings: dict[str, Any]
@@ -298,7 +398,7 @@ class SearchResult(BaseModel):
 
 def search(
     space: Space,
-    fitness: Callable,
+    fitness: Fitness | Callable,
     budget: Budget | list[Budget],
     sampler: str | Sampler = "evopress",
     n_trials: int | None = None,
@@ -313,10 +413,10 @@ def search(
 
     Args:
         space: the units and their levels.
-        fitness: ``f(assignment) -> float``, lower is better; see the module docstring
-            for multi-fidelity and batched fitness objects.
+        fitness: a ``Fitness`` or a function ``f(assignment) -> float``, lower is better; see the
+            module docstring.
         budget: one `Budget` or a list; every one is a hard constraint.
-        sampler: a registered name (see `evosearch.samplers.SAMPLERS`) or a `Sampler`.
+        sampler: a name (see `evosearch.samplers.SAMPLERS`) or a `Sampler` object.
         n_trials: the most fitness evaluations the whole study may hold (Optuna's
             samplers also run at most this many trials). Required by Optuna's
             samplers; EvoPress stops at its `generations` otherwise.
@@ -338,6 +438,7 @@ def search(
         raise EvosearchError(f"budget: two budgets of the same form on one resource: {[b.label for b in budgets]}")
     for b in budgets:
         b.check(space)
+    fitness = as_fitness(fitness)
     fidelities = fidelities_of(fitness)
     options = dict(sampler_options or {})
     if isinstance(sampler, str):
@@ -374,8 +475,8 @@ def search(
 
     bar = tqdm(disable=not progress, desc=f"evosearch {name}", dynamic_ncols=True)
     evaluator = Evaluator(study, space, budgets, fitness, n_trials, tradeoff, bar)
-    ctx = Context(space, budgets, Feasibility(space, budgets), anchor, seed, fidelities, n_trials, study, evaluator, bar,
-                  parallelism=getattr(fitness, "parallelism", 1))
+    ctx = Context(space, budgets, Feasibility(space, budgets), anchor, seed, fidelities, n_trials, study, evaluator,
+                  _BarProgress(bar), parallelism=getattr(fitness, "parallelism", 1))
     try:
         with _quiet_optuna():
             sampler.run(ctx)
@@ -450,47 +551,27 @@ def _quiet_optuna():
 
 
 def _result(study: optuna.Study, space: Space, evaluator: Evaluator, settings: dict, wall_time: float) -> SearchResult:
-    records, finished = [], []
-    for t in study.get_trials(deepcopy=False):
-        complete = t.state == TrialState.COMPLETE
-        record = TrialRecord(
-            number=t.number,
-            state=t.state.name,
-            assignment=t.user_attrs.get("assignment"),
-            value=t.values[0] if complete else None,
-            fidelity=t.user_attrs.get("fidelity") if complete else None,
-            reports=t.intermediate_values,
-            usage=t.user_attrs.get("usage", {}),
-            feasible=t.user_attrs.get("feasible", False),
-        )
-        records.append(record)
-        if complete and record.feasible:
-            finished.append((record, t.values))
-    if not finished:
+    records = [TrialRecord(number=t.number, state=t.state.name, assignment=t.user_attrs.get("assignment"),
+                           value=t.values[0] if t.state == TrialState.COMPLETE else None,
+                           fidelity=t.user_attrs.get("fidelity") if t.state == TrialState.COMPLETE else None,
+                           reports=t.intermediate_values, usage=t.user_attrs.get("usage", {}),
+                           feasible=t.user_attrs.get("feasible", False))
+               for t in study.get_trials(deepcopy=False)]
+    found = history(study)
+    if found.best is None:
         raise EvosearchError(
             f"study {study.study_name!r} has no complete candidate that meets the budget "
             f"(raise n_trials, or check the fitness: {sum(r.state == 'FAIL' for r in records)} trials failed)"
         )
-    # Compare final values at one fidelity only: the highest any complete candidate reached.
-    top = max(r.fidelity for r, _ in finished)
-    finished = [(r, v) for r, v in finished if r.fidelity == top]
 
-    def candidate(r: TrialRecord) -> Candidate:
-        return Candidate(assignment=r.assignment, value=r.value, fidelity=r.fidelity, usage=r.usage, trial=r.number)
+    def candidate(p: Point) -> Candidate:
+        return Candidate(assignment=p.assignment, value=p.value, fidelity=p.fidelity, usage=p.usage, trial=p.trial)
 
-    best = min(finished, key=lambda rv: (rv[0].value, rv[0].number))[0]
-    pareto = []
-    if evaluator.tradeoff is not None:
-        sign = 1 if study.directions[1] == optuna.study.StudyDirection.MINIMIZE else -1
-        points = {tuple(sorted(r.assignment.items(), key=str)): (r, (v[0], sign * v[1])) for r, v in finished}
-        for r, p in points.values():
-            if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for _, q in points.values()):
-                pareto.append(candidate(r))
-        pareto.sort(key=lambda c: c.value)
     return SearchResult(
-        best=candidate(best),
-        pareto=pareto,
+        best=candidate(found.best),
+        pareto=[candidate(p) for p in found.pareto()],
         trials=records,
+        history=found,
         n_evaluations=evaluator.n_evaluations,
         study_name=study.study_name,
         settings=settings,

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from evosearch.kernels import kl as kl_kernels
+from evosearch.kernels.kl import kl_divergence_reference as kl_divergence  # noqa: F401 (the PyTorch references)
+from evosearch.kernels.kl import kl_divergence_topk_reference as kl_divergence_topk  # noqa: F401
 
 log = logging.getLogger("evosearch")
 
@@ -96,35 +98,6 @@ def perplexity(model, windows: torch.Tensor, *, tokenizer=None, batch_size: int 
 
 def hidden_size(model) -> int:
     return model.get_output_embeddings().in_features
-
-
-def kl_divergence(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of KL(p || q) with p = exp(teacher_logprobs), q = softmax(student_logits).
-
-    The plain PyTorch reference; ``evosearch.kernels.kl`` holds a fused GPU version tested
-    against it, which ``Teacher.kl`` calls.
-    """
-    t = teacher_logprobs.float()
-    s = torch.log_softmax(student_logits.float(), dim=-1)
-    return (t.exp() * (t - s)).sum()
-
-
-def kl_divergence_topk(top_logprobs: torch.Tensor, top_indices: torch.Tensor, tail_logprob: torch.Tensor,
-                       student_logits: torch.Tensor) -> torch.Tensor:
-    """Sum over rows of KL between teacher and student coarsened to (top-k tokens, the rest).
-
-    Both tails are taken as log-sum-exps over the tokens outside the teacher's top k (not
-    as 1 - sum of the top k, which cancels catastrophically when the tail is tiny).
-    """
-    logits = student_logits.float()
-    index = top_indices.long()
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-    s = logits.gather(-1, index) - log_norm
-    s_tail = torch.logsumexp(logits.scatter(-1, index, float("-inf")), dim=-1) - log_norm.squeeze(-1)
-    t = top_logprobs.float()
-    t_tail = tail_logprob.float()
-    tail = torch.where(torch.isfinite(t_tail), t_tail.exp() * (t_tail - s_tail), torch.zeros_like(t_tail))
-    return (t.exp() * (t - s)).sum() + tail.sum()
 
 
 class Teacher:

@@ -38,7 +38,7 @@ from collections import Counter
 import torch
 
 from evosearch.candidate import CandidateModel
-from evosearch.database.build import capture_block_inputs, run_block
+from evosearch.blocks import capture_block_inputs, run_block
 from evosearch.evaluate import ROWS_PER_CHUNK, Teacher, default_batch_size, logits_from_hidden
 
 log = logging.getLogger("evosearch")
@@ -49,9 +49,10 @@ GPU_LOGIT_BYTES = 2**30
 class KLFitness:
     def __init__(self, candidate: CandidateModel, teacher: Teacher, batch_size: int | None = None,
                  reuse_prefix: bool = True, compile_blocks: bool = False, cuda_graphs: bool | None = None,
-                 compile_mode: str | None = None):
-        """``cuda_graphs``: None captures them where they can run (model and teacher on a GPU).
-        ``compile_mode``: ``torch.compile``'s mode for the compiled blocks (None: its default)."""
+                 compile_mode: str | None = None, fidelities: list[int] | None = None):
+        """``fidelities``: the calibration token counts of multi-step selection (None: one fidelity, all
+        the teacher's tokens). ``cuda_graphs``: None captures them where they can run (model and teacher
+        on a GPU). ``compile_mode``: ``torch.compile``'s mode for the compiled blocks (None: its default)."""
         self.candidate = candidate
         self.teacher = teacher
         self.model = candidate.model
@@ -64,7 +65,7 @@ class KLFitness:
         if cuda_graphs and not graphs_possible:
             log.info("CUDA graphs need the model and the teacher on one GPU: running without them")
         self.cuda_graphs = graphs_possible if cuda_graphs is None else bool(cuda_graphs) and graphs_possible
-        self.fidelities: list[int] | None = None  # set by the caller for multi-step selection
+        self.fidelities = None if fidelities is None else sorted(fidelities)  # the engine's Fitness protocol
         # Rows of logits per head-and-KL step: on a GPU up to 1 GiB of them (fewer, larger kernels:
         # 6% faster than 2,048 rows on the H200), elsewhere ROWS_PER_CHUNK.
         vocab = self.model.get_output_embeddings().weight.shape[0]

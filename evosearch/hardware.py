@@ -4,15 +4,16 @@
 attention and MLP sub-blocks, whole blocks) in the form an export gives it, for one
 workload: ``prefill_ms``, one forward over ``batch x prompt`` tokens, and ``decode_ms``,
 one generated token, averaged over ``new_tokens`` steps after the prompt (the KV cache
-grows from ``prompt`` tokens as in real decoding). A level's form follows its database key
-(``latency_class``):
+grows from ``prompt`` tokens as in real decoding). What is timed per unit is a *latency
+class*: a level as it runs once exported (``Level.runtime_module``). A search's levels map
+onto classes through their kind (``Compression.latency_class``):
 
-- ``dense``: dense weights; also unstructured sparsity (``zeros=N``) and N:M patterns other
-  than 2:4, which an export stores dense and runs at dense speed;
+- ``dense``: dense weights; also unstructured sparsity and N:M patterns other than 2:4,
+  which an export stores dense and runs at dense speed;
 - ``2:4``: a semi-structured sparse weight where the GPU runs one (else dense speed);
-- ``bits=...``: a packed layer through the dequantising matmul (``kernels/quant.py``); a
-  pruned and quantised level (``zeros=N,bits=B``) too, since export unpacks its bitmask
-  layout to the dense packed one on loading;
+- ``bits=...`` (its whole format: ``bits=4,group=64,sym``): a packed layer through the
+  dequantising matmul (``kernels/quant.py``); a pruned and quantised level too, since export
+  unpacks its bitmask layout to the dense packed one on loading;
 - ``drop``: nothing runs, 0 ms.
 
 Units of one shape cost the same, so each distinct shape is timed once per class. The
@@ -24,10 +25,10 @@ against the measured latency of the exported model.
 The table is JSON (target, device name, dtype, workload, torch and transformers versions,
 date): ``HardwareTable.save``/``load``; ``default_path`` keys it by model, target, dtype
 and workload in the cache. ``attach(problem, table)`` adds the resources ``latency_ms``
-(per generated token: the decode phase), ``prefill_ms`` and ``bytes`` (``export.unit_bytes``,
-exact) to every unit of a search problem, so that a budget on them works like any other.
-``budget_for`` turns a whole-model limit into the budget on the units (the limit minus
-``base``).
+(per generated token: the decode phase), ``prefill_ms`` and ``bytes`` (the kind's
+``unit_bytes``, exact) to every unit of a search problem, so that a budget on them works
+like any other. ``budget_for`` turns a whole-model limit into the budget on the units (the
+limit minus ``base``).
 """
 
 from __future__ import annotations
@@ -47,13 +48,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from evosearch import assets
-from evosearch.compression import SearchProblem, parse_quant_key, quant_key
-from evosearch.database.quantization import rtn_quantize
 from evosearch.errors import EvosearchError
-from evosearch.export import (PackedLinear, is_semi_structured, pack_quantized, quant_format,
-                              semi_structured_supported, to_semi_structured, unit_bytes)
+from evosearch.kinds import Drop, Level, level_from_name
+from evosearch.layouts import dense_bytes
+from evosearch.problem import SearchProblem
 from evosearch.space import Budget
 from evosearch.units import Architecture, ModelUnit, architecture
+from evosearch.version import versions
 
 log = logging.getLogger("evosearch")
 
@@ -103,16 +104,15 @@ class HardwareTable(BaseModel):
         except ValueError as exc:
             raise EvosearchError(f"{path} is not a hardware table: {str(exc).splitlines()[0]}") from None
 
-    def cost(self, unit: str, key: str, phase: str) -> float:
-        """``phase`` (prefill_ms or decode_ms) of ``unit`` at the level stored under ``key``."""
-        cls = latency_class(key)
-        if cls == "drop":
+    def cost(self, unit: str, cls: Level, phase: str) -> float:
+        """``phase`` (prefill_ms or decode_ms) of ``unit`` at the latency class ``cls``."""
+        if isinstance(cls, Drop):
             return 0.0
         try:
-            return self.units[unit][cls][phase]
+            return self.units[unit][cls.name][phase]
         except KeyError:
-            raise EvosearchError(f"hardware table for {self.target} has no {cls!r} cost for {unit}; profile again "
-                                 f"with that level (evosearch profile --bits ...)") from None
+            raise EvosearchError(f"hardware table for {self.target} has no {cls.name!r} cost for {unit}; profile "
+                                 f"again with that level (evosearch profile --bits ...)") from None
 
     def rest(self, problem: SearchProblem, phase: str) -> float:
         """``phase`` of everything outside the problem's units (embeddings, head, overhead, unsearched parts)."""
@@ -129,8 +129,9 @@ class HardwareTable(BaseModel):
 
     def predict(self, problem: SearchProblem, assignment: dict, phase: str = "decode_ms") -> float:
         """Whole-model latency of an assignment: the rest plus every unit at its level."""
-        return self.rest(problem, phase) + sum(self.cost(unit, problem.key(unit, level), phase)
-                                               for unit, level in assignment.items())
+        kind = problem.compression
+        return self.rest(problem, phase) + sum(self.cost(unit, kind.latency_class(level), phase)
+                                               for unit, level in problem.typed(assignment).items())
 
 
 # The units that together hold every block's compute, one set per way of cutting blocks up;
@@ -142,26 +143,10 @@ def _covered(arch: Architecture, covering: str) -> list[ModelUnit]:
     return arch.units(COVERINGS[covering])
 
 
-def latency_class(key: str) -> str:
-    """What runs for a level with this database key (see the module docstring)."""
-    if key == "drop":
-        return "drop"
-    if is_semi_structured(key):
-        return "2:4"
-    if quant_format(key) is not None:
-        return key
-    if key.startswith("zeros=") and ",bits=" in key:  # pruned then quantised: it runs as its packed format
-        return quant_key(0, parse_quant_key(key)[1])
-    if key == "dense" or key.startswith("zeros=") or ":" in key:
-        return "dense"
-    if any(key.startswith(prefix) for prefix in UNIT_BUILDERS):
-        return key
-    raise EvosearchError(f"no latency model for level key {key!r}; register a builder in hardware.UNIT_BUILDERS")
-
-
-# A width level (keys other modules define) is timed by the module a builder makes:
-# UNIT_BUILDERS[prefix](arch, unit, key) -> a callable like the unit's dense sub-block.
-UNIT_BUILDERS: dict[str, Callable] = {}
+def latency_classes(names) -> tuple[Level, ...]:
+    """The latency classes ``names`` spell (``dense``, ``2:4``, ``bits=4,group=64,sym``), checked before
+    minutes of timing."""
+    return tuple(level_from_name(name) for name in names)
 
 
 # --- timing ------------------------------------------------------------------------------------------
@@ -248,23 +233,26 @@ class _UnitRunner:
         positions = torch.arange(workload.prompt + workload.new_tokens, device=device)[None]
         self.rotary = None if rotary is None else rotary(self.prompt, positions)
 
-    def _rope(self, start: int, length: int):
+    def _positions(self, start: int, length: int) -> dict:
+        """The position arguments of a block or attention call: rotary tables where the model has them."""
+        if self.rotary is None:
+            return {}
         cos, sin = self.rotary
-        return cos[:, start:start + length], sin[:, start:start + length]
+        return {"position_embeddings": (cos[:, start:start + length], sin[:, start:start + length])}
 
     def callable(self, unit: ModelUnit, module) -> Callable:
         """f(hidden, start, cache) running ``module`` as the unit's part of a block."""
-        block = self.arch.blocks[unit.block]
         if unit.kind == "linear":
             return lambda h, start, cache: module(h)
         if unit.kind == "mlp":
-            return lambda h, start, cache: h + module(block.post_attention_layernorm(h))
+            norm = self.arch.norm(unit.block, "mlp")
+            return lambda h, start, cache: h + module(norm(h))
         keyword = _cache_keyword(module.forward)
         if unit.kind == "attention":
-            return lambda h, start, cache: h + module(hidden_states=block.input_layernorm(h), attention_mask=None,
-                                                      position_embeddings=self._rope(start, h.shape[1]),
-                                                      **{keyword: cache})[0]
-        return lambda h, start, cache: module(h, attention_mask=None, position_embeddings=self._rope(start, h.shape[1]),
+            norm = self.arch.norm(unit.block, "attention")
+            return lambda h, start, cache: h + module(hidden_states=norm(h), attention_mask=None,
+                                                      **self._positions(start, h.shape[1]), **{keyword: cache})[0]
+        return lambda h, start, cache: module(h, attention_mask=None, **self._positions(start, h.shape[1]),
                                               use_cache=cache is not None, **{keyword: cache})
 
     def time(self, unit: ModelUnit, module, timer: Timer) -> dict[str, float]:
@@ -292,43 +280,6 @@ class _UnitRunner:
         return {"prefill_ms": prefill, "decode_ms": timer.time(start_decoding, step, w.new_tokens)}
 
 
-def _realise(arch: Architecture, unit: ModelUnit, cls: str, device: torch.device):
-    """The module that runs for ``unit`` at latency class ``cls`` (the model's own for dense)."""
-    if unit.kind != "linear":
-        if cls == "dense":
-            return arch.module(unit.name)
-        prefix = next((p for p in UNIT_BUILDERS if cls.startswith(p)), None)
-        if prefix is None:
-            raise EvosearchError(f"no latency model for {unit.kind} units at {cls!r}")
-        return UNIT_BUILDERS[prefix](arch, unit, cls)
-    layer = arch.module(unit.name)
-    if cls == "dense":
-        return layer
-    if cls == "2:4":
-        weight = layer.weight.detach().clone()
-        keep = weight.abs().reshape(-1, 4).topk(2, dim=1).indices
-        mask = torch.zeros_like(weight.reshape(-1, 4), dtype=torch.bool).scatter_(1, keep, True)
-        sparse = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                                 device=device, dtype=weight.dtype)
-        sparse.weight = torch.nn.Parameter(weight * mask.reshape(weight.shape), requires_grad=False)
-        if layer.bias is not None:
-            sparse.bias = layer.bias
-        return sparse if to_semi_structured(sparse, [""]) else None
-    fmt = quant_format(cls)
-    qw = rtn_quantize(layer.weight, fmt)
-    packed = PackedLinear(layer.in_features, layer.out_features, fmt, layer.bias is not None)
-    packed.load_state_dict(pack_quantized(qw) | ({"bias": layer.bias} if layer.bias is not None else {}))
-    packed.unpack_zeros()
-    return packed.to(device)
-
-
-def _applies(unit: ModelUnit, cls: str) -> bool:
-    """Sparsity and bit-widths are levels of linear layers; width levels (builders) of attention and MLP blocks."""
-    if cls == "dense":
-        return True
-    return (unit.kind == "linear") == (cls == "2:4" or quant_format(cls) is not None)
-
-
 def _signature(arch: Architecture, unit: ModelUnit) -> tuple:
     """Units with equal signatures run the same computation (shapes, biases)."""
     shapes = tuple((tuple(arch.module(n).weight.shape), arch.module(n).bias is not None) for n in unit.linears)
@@ -337,11 +288,11 @@ def _signature(arch: Architecture, unit: ModelUnit) -> tuple:
 
 @torch.inference_mode()
 def profile(model, target: str | torch.device, workload: Workload = Workload(), *,
-            classes: tuple[str, ...] = ("dense", "2:4", *DEFAULT_BITS), kinds=("linear", "attention", "mlp", "block"),
+            classes: tuple[Level, ...] | None = None, kinds=("linear", "attention", "mlp", "block"),
             timer: Timer | None = None, progress: bool = True) -> HardwareTable:
-    """Measure every unit of ``model`` (already on ``target``) at every latency class."""
-    from evosearch.pipeline import versions
-
+    """Measure every unit of ``model`` (already on ``target``) at every latency class (default: dense,
+    2:4 and ``DEFAULT_BITS``)."""
+    classes = latency_classes(("dense", "2:4", *DEFAULT_BITS)) if classes is None else tuple(classes)
     device = next(model.parameters()).device
     if device.type != torch.device(target).type:
         raise EvosearchError(f"the model is on {device}, not on the target {target}; load it there to profile")
@@ -349,7 +300,6 @@ def profile(model, target: str | torch.device, workload: Workload = Workload(), 
     arch = architecture(model)
     dtype = next(model.parameters()).dtype
     runner = _UnitRunner(model, arch, workload, dtype, device)
-    sparse_runs = semi_structured_supported(device)
     measured: dict[tuple, dict[str, dict[str, float]]] = {}
     units = arch.units(kinds)
     table: dict[str, dict[str, dict[str, float]]] = {}
@@ -358,16 +308,15 @@ def profile(model, target: str | torch.device, workload: Workload = Workload(), 
         costs = measured.setdefault(signature, {})
         table[unit.name] = {}
         for cls in classes:
-            if not _applies(unit, cls):
+            if not cls.applies_to(unit):
                 continue
-            if cls not in costs:
-                module = _realise(arch, unit, cls, device) if cls != "2:4" or sparse_runs else None
-                if module is None:  # 2:4 where no semi-structured kernel runs it: an export keeps it dense
-                    costs[cls] = dict(costs.get("dense") or runner.time(unit, arch.module(unit.name), timer))
+            if cls.name not in costs:
+                module = cls.runtime_module(arch, unit, device)
+                if module is None:  # nothing runs it faster here (2:4 without the kernels): an export runs it dense
+                    costs[cls.name] = dict(costs.get("dense") or runner.time(unit, arch.sub_block(unit), timer))
                 else:
-                    costs[cls] = runner.time(unit, module, timer)
-            key = "dense" if cls == "2:4" else cls
-            table[unit.name][cls] = costs[cls] | {"bytes": float(unit_bytes(arch, unit, key))}
+                    costs[cls.name] = runner.time(unit, module, timer)
+            table[unit.name][cls.name] = costs[cls.name] | {"bytes": float(cls.bytes(arch, unit))}
     whole = measure_model(model, workload, timer)
     whole["bytes"] = float(model_bytes(model))
     base = _base(arch, table, whole)
@@ -410,13 +359,15 @@ def default_path(fingerprint: str, target: str, dtype: str, workload: Workload) 
 
 def resources(problem: SearchProblem, table: HardwareTable | None) -> dict[str, dict[str, list[float]]]:
     """Per resource, per unit, one value per level: bytes, and latency_ms and prefill_ms from a table."""
+    kind = problem.compression
     out: dict[str, dict[str, list[float]]] = {name: {} for name in RESOURCES if table is not None or name == "bytes"}
     for unit in problem.space.units:
-        mu, keys = problem.model_units[unit.name], problem.keys[unit.name]
-        out["bytes"][unit.name] = [float(unit_bytes(problem.arch, mu, k, problem.spec.compression)) for k in keys]
+        mu, levels = problem.model_units[unit.name], problem.levels[unit.name]
+        out["bytes"][unit.name] = [float(kind.unit_bytes(problem.arch, mu, level)) for level in levels]
         if table is not None:
-            out["latency_ms"][unit.name] = [table.cost(unit.name, k, "decode_ms") for k in keys]
-            out["prefill_ms"][unit.name] = [table.cost(unit.name, k, "prefill_ms") for k in keys]
+            classes = [kind.latency_class(level) for level in levels]
+            out["latency_ms"][unit.name] = [table.cost(unit.name, c, "decode_ms") for c in classes]
+            out["prefill_ms"][unit.name] = [table.cost(unit.name, c, "prefill_ms") for c in classes]
     return out
 
 
@@ -431,7 +382,7 @@ def attach(problem: SearchProblem, table: HardwareTable | None) -> SearchProblem
 def base_bytes(problem: SearchProblem) -> float:
     """Bytes of everything in the model that no unit of the problem holds (embeddings, norms...)."""
     arch = problem.arch
-    return model_bytes(arch.model) - sum(unit_bytes(arch, mu, "dense") for mu in problem.model_units.values())
+    return model_bytes(arch.model) - sum(dense_bytes(arch, mu) for mu in problem.model_units.values())
 
 
 def budget_for(resource: str, limit: float, problem: SearchProblem, table: HardwareTable | None) -> Budget:

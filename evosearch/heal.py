@@ -40,16 +40,16 @@ When N tokens are more than the free text holds, the heal passes over it several
 
 What stays as searched
 ----------------------
-Learned from ``result.json`` and the weights in ``model/``; nothing depends on the space's
-YAML file, so any search whose result follows this shape can be healed:
+Each unit's kind says it (``Compression.keep``, from the unit's typed level in ``result.json``),
+and the weights in ``model/`` give the zeros:
 
 - zeros: every weight that is zero in a linear layer of a searched unit (the assignment's
   keys; for attention/MLP/block units, their linear layers) stays zero: pruned weights
   (unstructured, N:M) and heads or channels zeroed in place. Their gradients are masked,
   and after every step a check confirms that none of them moved.
-- dropped units: an attention, MLP or block unit of the assignment whose output
-  projection is all zeros (as ``pipeline.is_dropped`` counts them) has its linear layers
-  frozen, so it stays dropped whether export removes it or not.
+- dropped units: an attention, MLP or block unit at a ``Drop`` level (its output
+  projections all zeros, ``Architecture.is_dropped``) has its linear layers frozen, so it
+  stays dropped whether export removes it or not.
 - sliced widths: no parameter changes shape (checked on the saved model).
 - quantised layers, listed in ``result.json`` under ``formats`` (below): straight-through
   quantisation-aware training. Each layer keeps a float32 master weight W and a trainable
@@ -61,16 +61,8 @@ YAML file, so any search whose result follows this shape can be healed:
   groups on no grid of the format are re-fitted by round-to-nearest, and the section
   reports how many weights that changed).
 
-Interface with quantisation searches (``result.json``)::
-
-    "formats": {"model.layers.0.self_attn.q_proj": {"bits": 3, "group_size": 128, "symmetric": false},
-                "model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 128, "symmetric": false,
-                                                 "zeros": 18432}, ...}
-
-one entry per quantised linear layer, with ``QuantFormat``'s fields; ``zeros`` (default 0)
-says the layer was also pruned (that many weights) and then its zeros stay zero; without
-it, a zero is a code like any other. ``model/`` holds the dequantised weights, as
-``CandidateModel`` puts them in place.
+A quantised layer's format is its level's (``Quant``: bits, group size, grid, and the zeros of
+a pruned one); ``model/`` holds the dequantised weights, as ``CandidateModel`` puts them in place.
 
 Interface offered to export: ``healed/quantized.safetensors`` holds, for every quantised
 layer L, ``L.codes`` (uint8, W's shape), ``L.scales`` (float32, (out, groups)) and
@@ -92,7 +84,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
@@ -103,8 +95,9 @@ from evosearch.database.quantization import QuantFormat, QuantizedWeight, recove
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import ROWS_PER_CHUNK, hidden_size, hidden_states, logits_from_hidden, perplexity
 from evosearch.kernels import kl as kl_kernels
+from evosearch.kinds import Keep as KindKeep
 from evosearch.model import default_device, load_model, model_fingerprint, resolve_dtype
-from evosearch.pipeline import SearchSettings, is_dropped
+from evosearch.run import Draw, RunFolder, RunResult
 from evosearch.units import Architecture, architecture
 
 log = logging.getLogger("evosearch")
@@ -147,59 +140,26 @@ class Keep:
     formats: dict[str, QuantFormat] = field(default_factory=dict)  # linear name -> format
 
 
-def what_to_keep(result: dict, arch: Architecture) -> Keep:
-    """Read from a result and the searched weights what healing must not change."""
+def what_to_keep(result: RunResult, arch: Architecture) -> Keep:
+    """Read from a result (each unit's level, its kind's ``keep``) and the searched weights what healing
+    must not change."""
     units = {u.name: u for u in arch.units()}
-    unknown = [name for name in result["assignment"] if name not in units]
+    levels = result.levels_for(arch)
+    unknown = [name for name in levels if name not in units]
     if unknown:
         raise EvosearchError(f"result.json names units the model does not have ({unknown[0]}, ...): is model/ the "
                              f"model this search ran on?")
-    records = _format_records(result, arch)
-    keep = Keep(formats={name: QuantFormat(r.bits, r.group_size, r.symmetric) for name, r in records.items()})
-    searched = []
-    for name in result["assignment"]:
-        unit = units[name]
-        if unit.kind != "linear" and is_dropped(arch, unit):
-            keep.dropped.append(name)
-            keep.frozen |= {f"{linear}.{p}" for linear in unit.linears
-                            for p, _ in arch.module(linear).named_parameters()}
-        else:
-            searched.extend(unit.linears)
-    for name in searched:
-        if name in records and records[name].zeros == 0:
-            continue  # a zero of a quantised layer is a code like any other
+    kind = result.space_spec().compression
+    rules = KindKeep()
+    for name, level in levels.items():
+        rules |= kind.keep(arch, units[name], level)
+    keep = Keep(formats={name: fmt for name, (fmt, _) in rules.formats.items()}, dropped=sorted(rules.dropped))
+    keep.frozen = {f"{linear}.{p}" for linear in rules.frozen for p, _ in arch.module(linear).named_parameters()}
+    for name in sorted(rules.zeros - rules.frozen):
         zeros = arch.module(name).weight == 0
         if zeros.any():
             keep.pruned[name] = zeros
     return keep
-
-
-class _FormatRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    bits: int = Field(ge=2, le=8)
-    group_size: int | None = Field(128, ge=1)
-    symmetric: bool = False
-    zeros: int = Field(0, ge=0)
-
-
-def _format_records(result: dict, arch: Architecture) -> dict[str, _FormatRecord]:
-    """``result.json``'s ``formats``, checked against the model."""
-    records = {}
-    for name, record in result.get("formats", {}).items():
-        try:
-            module = arch.module(name)
-        except AttributeError:
-            module = None
-        if not isinstance(module, nn.Linear):
-            raise EvosearchError(f"result.json formats: {name} is not a linear layer of the model")
-        try:
-            records[name] = _FormatRecord.model_validate(record)
-        except ValidationError as exc:
-            error = exc.errors()[0]
-            raise EvosearchError(f"result.json formats.{name}.{'.'.join(map(str, error['loc']))}: "
-                                 f"{error['msg']}") from None
-    return records
 
 
 # --- quantised layers: straight-through training on their grid (``recover_grid``) ----------------
@@ -259,26 +219,26 @@ def _save_quantized(folder: Path, quantized: dict[str, QuantizedWeight]) -> None
 
 # --- the text ---------------------------------------------------------------------------------
 
-def search_draws(settings: SearchSettings) -> list[tuple[int, int, int]]:
-    """``(sequences, length, seed)`` of each calibration draw ``run_search`` makes: the database's
-    Hessians and the fitness's sequences."""
-    length = settings.sequence_length
-    return [(settings.calibration_sequences, length, settings.seed),
-            (math.ceil(max(settings.fidelities) / length), length, settings.seed + 1)]
+def draw_starts(corpus: Corpus, draw: Draw) -> np.ndarray:
+    """Where a calibration draw's windows start in ``corpus.calibration`` (as recorded, or as drawn)."""
+    if draw.starts is not None:
+        return np.asarray(draw.starts)
+    return corpus.calibration_starts(draw.sequences, draw.length, draw.seed)
 
 
-def fitness_sequences(corpus: Corpus, settings: SearchSettings) -> torch.Tensor:
+def fitness_sequences(corpus: Corpus, draw: Draw) -> torch.Tensor:
     """The sequences the search's fitness (its KL) was measured on."""
-    return corpus.calibration_sequences(*search_draws(settings)[1])
+    windows = np.stack([corpus.calibration[s : s + draw.length] for s in draw_starts(corpus, draw)])
+    return torch.from_numpy(windows.astype(np.int64))
 
 
-def healing_windows(corpus: Corpus, settings: SearchSettings, length: int) -> np.ndarray:
+def healing_windows(corpus: Corpus, draws: dict[str, Draw], length: int) -> np.ndarray:
     """Starts (in ``corpus.calibration``) of the windows of ``length`` tokens that share no token
-    with the search's draws: the text the heal may use."""
+    with the search's ``draws`` (``RunResult.calibration_draws``): the text the heal may use."""
     used = np.zeros(len(corpus.calibration), dtype=bool)
-    for n, draw_length, seed in search_draws(settings):
-        for start in corpus.calibration_starts(n, draw_length, seed):
-            used[start : start + draw_length] = True
+    for draw in draws.values():
+        for start in draw_starts(corpus, draw):
+            used[start : start + draw.length] = True
     slots = len(used) // length
     free = np.flatnonzero(~used[: slots * length].reshape(slots, length).any(axis=1)) * length
     if len(free) == 0:
@@ -458,7 +418,7 @@ def measure(model, arch: Architecture, keep: Keep) -> dict:
     return {
         "zeros": sum(int((w == 0).sum()) for w in pruned),
         "weights": sum(w.numel() for w in pruned),
-        "dropped": sorted(name for name in keep.dropped if is_dropped(arch, units[name])),
+        "dropped": sorted(name for name in keep.dropped if arch.is_dropped(units[name])),
         "bits": {name: value_bits(arch.module(name).weight, fmt) for name, fmt in keep.formats.items()},
         "shapes": {name: list(p.shape) for name, p in model.state_dict().items()},
     }
@@ -492,28 +452,17 @@ def _checks(before: dict, after: dict, keep: Keep, arch: Architecture,
 
 # --- the job ----------------------------------------------------------------------------------
 
-def read_result(result_dir: Path) -> tuple[dict, SearchSettings]:
-    path = result_dir / "result.json"
-    if not path.exists() or not (result_dir / "model").is_dir():
-        raise EvosearchError(f"{result_dir} is not a search result: it needs result.json and model/ "
-                             f"(evosearch search --out {result_dir})")
-    result = json.loads(path.read_text())
-    try:
-        settings = SearchSettings.model_validate(result["settings"])
-    except (KeyError, ValidationError) as exc:
-        raise EvosearchError(f"{path} has no readable search settings ({str(exc).splitlines()[0]})") from None
-    return result, settings
-
-
 def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False, progress: bool = True) -> dict:
     """Heal the searched model of ``result_dir`` (see the module's docstring); returns the heal section."""
-    result_dir = Path(result_dir)
-    result, search = read_result(result_dir)
+    folder = RunFolder(result_dir)
+    result_dir = folder.path
+    result = folder.read_result()
+    search = result.settings
     healed_dir, checkpoint_dir = result_dir / HEALED, result_dir / CHECKPOINT
     if force:
         for stale in (healed_dir, checkpoint_dir):
             shutil.rmtree(stale, ignore_errors=True)
-    elif "heal" in result and healed_dir.exists():
+    elif result.heal is not None and healed_dir.exists():
         raise EvosearchError(f"{result_dir} already holds a healed model ({HEALED}/); pass --force to heal again")
     clock = time.perf_counter()
     device = torch.device(settings.device) if settings.device else default_device()
@@ -524,14 +473,15 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
     keep = what_to_keep(result, arch)
     corpus = load_corpus(search.corpus, tokenizer, text_field=search.text_field)
     length = settings.sequence_length or search.sequence_length
-    free = healing_windows(corpus, search, length)
+    draws = result.calibration_draws()
+    free = healing_windows(corpus, draws, length)
     steps = -(-settings.tokens // (settings.batch_size * length))
     order = _order(free, steps * settings.batch_size, settings.seed)
     if len(order) > len(free):
         log.warning("heal: %d tokens pass %.1f times over the %d calibration tokens the search did not use",
                     len(order) * length, len(order) / len(free), len(free) * length)
     evaluations = _evaluation_texts(corpus, search, settings, tokenizer)
-    kl_sequences = fitness_sequences(corpus, search)
+    kl_sequences = fitness_sequences(corpus, draws["fitness"])
 
     identity = {"settings": settings.model_dump(), "model": model_fingerprint(student)}
     state = _read_checkpoint(checkpoint_dir, identity)
@@ -619,14 +569,12 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
         "seconds": round(time.perf_counter() - clock, 1), "training_seconds": round(training_seconds, 1),
         "model": HEALED,
     }
-    result = json.loads((result_dir / "result.json").read_text())
-    result["heal"] = section
-    _write_json(result_dir / "result.json", result)
+    folder.update_result(heal=section)
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return section
 
 
-def _evaluation_texts(corpus: Corpus, search: SearchSettings, settings: HealSettings, tokenizer) -> dict:
+def _evaluation_texts(corpus: Corpus, search, settings: HealSettings, tokenizer) -> dict:
     """Perplexity windows: the search's held-out text, then each extra corpus as a whole (it was
     used neither for the search nor for healing)."""
     texts = {corpus.name: corpus.evaluation_windows(search.eval_tokens, EVAL_WINDOW)}
@@ -679,12 +627,6 @@ def _write_checkpoint(folder: Path, state: dict) -> None:
     folder.mkdir(exist_ok=True)
     torch.save(state, folder / "state.pt.partial")
     (folder / "state.pt.partial").replace(folder / "state.pt")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    partial = path.with_suffix(".json.partial")
-    partial.write_text(json.dumps(data, indent=1))
-    partial.replace(path)
 
 
 def summary(section: dict) -> str:

@@ -1,24 +1,17 @@
 """The main job: a model and a budget in, the best non-uniform compression of it out.
 
-``run_search(settings, out)`` loads the model and the text, builds (or reuses) the
-database of compressed weights, caches the dense teacher's outputs, searches, puts the
-winner in place, measures it against the dense model and writes ``out/``:
+``compress(model, tokenizer, space=..., budget=..., corpus=...)`` works on objects a user
+holds (a loaded ``PreTrainedModel``, its tokenizer, a corpus, text or token ids): it builds
+(or reuses) the database of compressed weights, caches the dense teacher's outputs,
+searches, puts the winner in place, measures it against the dense model and returns a
+``Compressed``: the compressed model and the typed ``RunResult``.
 
-    recipe.yaml    the run as a recipe (`evosearch.recipe`), written when it starts, so
-                   even an interrupted search says how to resume it
-    space.yaml     the search space made concrete for this model and budget: every
-                   unit's levels and their resources (an `evosearch.Space`)
-    result.json    assignment per unit, budget used (planned and counted from the
-                   weights), fitness, perplexity before and after, the Pareto set of
-                   a multi-objective search, the recipe, versions
-    model/         the compressed model (``save_pretrained``) and its tokenizer
-    study.journal  every evaluated candidate (an Optuna study in a journal file; ``--resume``
-                   continues it; earlier searches kept it in study.db, which is still read)
-
-``SearchSettings`` is the whole run as data, so a run is reproducible from its
-``result.json`` alone (``evosearch run DIR/result.json``). With ``workers`` the candidates
-are evaluated by worker processes (`evosearch.workers`) that rebuild the fitness from those
-settings, stored in the study: ``worker_fitness`` is what each of them runs.
+``run_search(settings, out)`` is the same job as a run on disk (``evosearch search``):
+it loads the model and the text that ``settings`` name, locks ``out`` and lets
+``compress`` work in it (``evosearch.run.RunFolder`` says what goes where), then saves the
+model and ``result.json``. With ``workers`` the candidates are evaluated by worker processes
+(`evosearch.workers`) that rebuild the fitness from those settings, stored in the study:
+``worker_fitness`` is what each of them runs.
 """
 
 from __future__ import annotations
@@ -26,125 +19,115 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import platform
-import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from evosearch import __version__, assets, subnetwork
+from evosearch import assets
 from evosearch.candidate import CandidateModel
-from evosearch.compression import (CompressionSpace, QuantizationSpace, SearchProblem, SparsityQuantSpace, WidthSpace,
-                                   parse_quant_key)
-from evosearch.data import load_corpus
-from evosearch.database.build import build_database
-from evosearch.database.quantization import distinct_per_group, packed_bytes
+from evosearch.compression import CompressionSpace
+from evosearch.data import Corpus, load_corpus
+from evosearch.database.build import build_database, needed_entries
 from evosearch.database.store import Database
 from evosearch.engine import search
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
+from evosearch.kinds import Level
 from evosearch.model import load_model, model_fingerprint
+from evosearch.problem import SearchProblem
+from evosearch.run import RECIPE, SPACE, BaselineRecord, BudgetRecord, Draw, RunFolder, RunResult, SearchRecord
+from evosearch.samplers import heuristics
+from evosearch.settings import SearchSettings
 from evosearch.units import architecture
+from evosearch.version import versions
 from evosearch.workers import Workers, open_storage
 
 log = logging.getLogger("evosearch")
 
-
-class SearchSettings(BaseModel):
-    """Everything that determines a search's result."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    space: str = "sparsity"
-    budget: float
-    budget_resource: str | None = Field(None, description="latency_ms, prefill_ms or bytes: the budget is a "
-                                        "whole-model limit on that resource (default: the space's own budget)")
-    hardware: str | None = Field(None, description="hardware table (evosearch profile) for latency budgets")
-    model: str | None = None
-    sampler: str = "evopress"
-    sampler_options: dict = Field(default_factory=dict)
-    generations: int | None = Field(None, ge=0, description="EvoPress generations")
-    trials: int | None = Field(None, ge=1, description="the most fitness evaluations")
-    seed: int = 0
-    corpus: str | None = None
-    text_field: str = "text"
-    sequence_length: int = Field(512, ge=16)
-    calibration_sequences: int = Field(16, ge=1, description="sequences for the database's Hessians")
-    fidelities: list[int] = Field(default_factory=lambda: [512, 2048],
-                                  description="calibration tokens per selection stage (the last is the full fitness)")
-    top_k: int | None = Field(None, ge=1, description="keep only the teacher's top-k log-probabilities")
-    compile: bool | None = Field(None, description="torch.compile the blocks for the fitness (fuses their "
-                                 "elementwise work); default: on a GPU, where it halves a candidate's time")
-    eval_tokens: int = Field(8192, ge=1)
-    device: str | None = None
-    dtype: str | None = None
-    database: str | None = Field(None, description="database folder (default: in the cache, keyed by its inputs)")
-    storage: str | None = Field(None, description="Optuna storage URL (default: out/study.journal)")
-    baselines: list[str] | None = Field(None, description="baselines to report beside the search (default: the space's)")
-    workers: int | None = Field(None, ge=1, description="evaluate candidates on this many worker processes sharing "
-                                                        "the storage (Optuna samplers then ask this many at a time)")
+EVAL_WINDOW = 1024  # tokens per perplexity window (the GPTQ/SparseGPT protocol)
 
 
-def default_storage(out: Path) -> str:
-    """The study of a search folder: a journal file (each evaluation is appended in a few
-    milliseconds, where SQLite through Optuna's ORM took tens: on a fast fitness that was
-    most of a generation's time), or the ``study.db`` of a search started before."""
-    earlier = out / "study.db"
-    if earlier.exists():
-        return f"sqlite:///{earlier.resolve()}"
-    return str((out / "study.journal").resolve())
+@dataclass
+class Compressed:
+    """What ``compress`` returns: the compressed model (its levels in place), its tokenizer, and the result."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    result: RunResult
+    problem: SearchProblem
+
+    @property
+    def assignment(self) -> dict:
+        return self.result.assignment
+
+    @property
+    def levels(self) -> dict[str, Level]:
+        return dict(self.result.levels)
+
+    def save(self, folder: str | Path) -> RunFolder:
+        """Write the model, its tokenizer and ``result.json`` as a search folder that ``evosearch export``,
+        ``heal``, ``show`` and ``report`` read."""
+        run = RunFolder(folder)
+        run.path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(run.model_path)  # as the search saw it; `evosearch export` removes what is pruned
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(run.model_path)
+        run.write_result(self.result)
+        return run
 
 
-def prepare_output(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a finished or interrupted search unless told to."""
-    if out.exists() and any(out.iterdir()):
-        finished = (out / "result.json").exists()
-        if force:
-            shutil.rmtree(out)
-        elif not resume:
-            what = "a finished search" if finished else "an interrupted search or other files"
-            raise EvosearchError(f"--out {out} already holds {what}; pass --resume to continue it or --force to "
-                                 f"start over")
-    out.mkdir(parents=True, exist_ok=True)
+def compress(model, tokenizer, *, space: str | Path = "sparsity", budget: float | None = None,
+             corpus: str | Path | Corpus | None = None, text: str | list[str] | None = None, tokens=None,
+             settings: SearchSettings | None = None, folder: RunFolder | None = None, resume: bool = False,
+             remote: bool = False, progress: bool = True, **options) -> Compressed:
+    """Search the best compression of ``model`` under ``budget`` in ``space`` and leave it in place.
 
+    Args:
+        model, tokenizer: a loaded causal LM (any family ``evosearch.units`` knows) and its tokenizer.
+        space: a ready space (``sparsity``, ``quant``, ...) or a space YAML file.
+        budget: the space's budget value (0.5 average sparsity, 3.5 bits ...).
+        corpus / text / tokens: calibration and evaluation text: a corpus name, file or folder (or a
+            ``Corpus``), raw text (a string or a list of documents), or token ids; default: Brown.
+            The first 20% of its tokens are held out for perplexity, the rest calibrate.
+        settings: a whole ``SearchSettings`` instead of ``space``/``budget``/``options``.
+        options: any other ``SearchSettings`` field (``generations=50``, ``sampler="tpe"``,
+            ``trials=200``, ``fidelities=[2048, 16384]``, ``database=...``, ``storage=...``).
+        folder: a run folder to work in (``run_search`` passes its ``--out``): its study is the
+            default storage and its ``space.yaml`` is written.
+        resume: continue the study in the storage (same settings).
 
-def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = False, force: bool = False,
-               progress: bool = True, remote: bool = False) -> dict:
-    """Run the search that `settings` describe into `out`. With ``settings.workers``, start
-    that many local workers, or with `remote` wait for as many ``evosearch worker``
-    processes started elsewhere."""
-    from evosearch.recipe import Recipe  # the recipe module builds on SearchSettings
-
-    if settings.workers and not settings.storage:
-        raise EvosearchError("--workers needs --storage that workers can share: a journal file (path ending in "
-                             ".journal) on one host, or postgresql://... across hosts")
-    out = Path(out)
-    prepare_output(out, resume, force)
-    recipe = Recipe.from_settings(settings, out)
-    # A resumed run keeps the files of the run it continues until it finishes: were these settings
-    # refused (another seed, say), the folder would otherwise describe a search it does not hold.
-    _write_unless_resumed(out / "recipe.yaml", recipe.to_yaml(), resume)
-    if settings.workers:
-        open_storage(settings.storage)  # refuses SQLite and reaches the server before anything is loaded
+    Returns a ``Compressed``: ``.model`` (the same object, its compressed levels in place),
+    ``.result`` (a ``RunResult``: levels, budget, KL, perplexity, baselines, history) and
+    ``.save(folder)``.
+    """
+    if settings is None:
+        if budget is None:
+            raise EvosearchError("compress: give budget=... (the space's budget value) or settings=SearchSettings(...)")
+        settings = SearchSettings(space=str(space), budget=budget, **options)
+    elif options or budget is not None:
+        raise EvosearchError("compress: give either settings=... or space/budget/options, not both")
     clock = _Stopwatch()
-
-    spec, model, tokenizer, arch, problem, table, corpus, fitness_tokens = _load(settings, settings.device)
-    _write_unless_resumed(out / "space.yaml", f"# {spec.name or 'search'} space for this model and budget "
-                          f"{settings.budget:g}: each unit's levels and their resources\n" + problem.space.to_yaml(),
-                          resume)
-    eval_windows = corpus.evaluation_windows(settings.eval_tokens, 1024)
+    spec = CompressionSpace.load(settings.space)
+    arch = architecture(model)
+    problem, table = search_problem(settings, spec, arch)
+    corpus = _corpus(corpus, text, tokens, tokenizer, settings)
+    if folder is not None:
+        folder.write_text_once(SPACE, f"# {spec.name or 'search'} space for this model and budget {settings.budget:g}: "
+                               f"each unit's levels and their resources\n" + problem.space.to_yaml(), resume)
+    eval_windows = corpus.evaluation_windows(settings.eval_tokens, EVAL_WINDOW)
+    fitness_draw = _draws(settings)["fitness"]
+    fitness_tokens = corpus.calibration_sequences(fitness_draw.sequences, fitness_draw.length, seed=fitness_draw.seed)
     clock.lap("load")
 
     fingerprint = model_fingerprint(model)
-    database = _open_database(settings, problem, fingerprint, corpus)
-    calibration = corpus.calibration_sequences(settings.calibration_sequences, settings.sequence_length,
-                                               seed=settings.seed)
+    database = open_database(settings, problem, fingerprint, corpus)
+    draw = _draws(settings)["database"]
+    calibration = corpus.calibration_sequences(draw.sequences, draw.length, seed=draw.seed)
     build_database(model, arch, problem, database, calibration, progress=progress)
     clock.lap("database")
 
@@ -156,82 +139,92 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     if candidate.device.type == "cuda":  # swaps become device-to-device copies
         free, _ = torch.cuda.mem_get_info(candidate.device)
         log.info("database on the GPU: %.2f GiB", candidate.preload(max_bytes=0.5 * free) / 2**30)
-    fitness = KLFitness(candidate, teacher, compile_blocks=_compile(settings, model))
-    fitness.fidelities = sorted(settings.fidelities)
-    # A space's sampler defaults (offspring...) are those of EvoPress, the default sampler; others take none of them.
-    sampler_options = (dict(spec.sampler) if settings.sampler == "evopress" else {}) | settings.sampler_options
-    if settings.generations is not None and settings.sampler == "evopress":
-        sampler_options["generations"] = settings.generations
-    if problem.starts and settings.sampler == "evopress":
-        sampler_options.setdefault("starts", problem.starts)
-    _register_heuristics(problem, database)
-    storage = settings.storage or default_storage(out)
+    fitness = KLFitness(candidate, teacher, compile_blocks=_compile(settings, model),
+                        fidelities=sorted(settings.fidelities))
+    storage = settings.storage or (folder.study_storage() if folder is not None else None)
     study_name = f"evosearch-{spec.name or 'search'}"
     evaluation = nullcontext(fitness) if not settings.workers else Workers(
         storage, study_name, count=settings.workers, options=settings.model_dump(), fidelities=fitness.fidelities,
         local=not remote, devices=[settings.device] if settings.device else _gpus())
     with evaluation as evaluate:
-        result = search(problem.space, evaluate, problem.budget, sampler=settings.sampler, n_trials=settings.trials,
-                        seed=settings.seed, storage=storage, study_name=study_name, resume=resume,
-                        sampler_options=sampler_options, progress=progress)
+        result = search(problem.space, evaluate, problem.budget, sampler=sampler_for(settings, spec, problem, database),
+                        n_trials=settings.trials, seed=settings.seed, storage=storage, study_name=study_name,
+                        resume=resume, sampler_options=_sampler_options(settings, spec, problem), progress=progress)
     clock.lap("search")
 
-    width = isinstance(spec.compression, WidthSpace)
-    if width:  # from here on a sub-network is its masks, then their reformation
-        candidate.reformed_levels = False
-        candidate.mark_changed(problem.model_units)
+    candidate.end_search()
+    kind = problem.compression
     baselines = {}
     for name in spec.baselines if settings.baselines is None else settings.baselines:
-        baselines[name] = _evaluate_baseline(name, problem, fitness, candidate, eval_windows, tokenizer, progress)
-        if width:
-            baselines[name] |= _reform_and_evaluate(baselines[name], problem, candidate, teacher, calibration,
-                                                    eval_windows, tokenizer, progress)
+        baselines[name] = _baseline(name, settings, spec, problem, database, fitness, candidate, eval_windows,
+                                    tokenizer, calibration, progress)
     clock.lap("baselines")
 
     best = result.best.assignment
     candidate.apply(best)
-    final_kl = teacher.kl(model)
-    compressed = perplexity(model, eval_windows, tokenizer=tokenizer, progress=progress)
-    evaluated = {"kl": final_kl, "perplexity": compressed.perplexity}
-    if width:
-        evaluated |= _reform_and_evaluate(evaluated, problem, candidate, teacher, calibration, eval_windows,
-                                          tokenizer, progress)
+    evaluated = _measure(candidate, teacher, eval_windows, tokenizer, progress)
+    refined = _refine(problem, candidate, teacher, calibration, eval_windows, tokenizer, evaluated, progress)
     clock.lap("evaluate")
-    model.save_pretrained(out / "model")  # as the search saw it; `evosearch export` removes what is pruned
-    tokenizer.save_pretrained(out / "model")
-    report = {
-        "settings": settings.model_dump(),
-        "space": {"name": spec.name, "description": spec.description, "units": len(problem.space.units),
-                  "compression": spec.compression.model_dump()},
-        "budget": {"resource": problem.budget.resource, "label": problem.budget.label, "value": settings.budget,
-                   "planned": problem.budget.usage(problem.space, best),
-                   "measured": measured_usage(model, arch, problem, candidate.current)}
-                  | _whole_model(settings, problem, best, table),
-        "database": str(database.root) if database.root else None,
-        "assignment": best,
-        "fitness": {"kl": evaluated["kl"], "tokens": teacher.max_tokens, "search_value": result.best.value},
-        "perplexity": {"corpus": corpus.name, "tokens": compressed.tokens, "dense": dense_ppl,
-                       "compressed": evaluated["perplexity"]},
-        "baselines": baselines,
-        "parameters": {"dense": sum(u.params for u in problem.model_units.values()),
-                       "kept": kept_parameters(model, arch, problem)},
-        "search": {"sampler": settings.sampler, "evaluations": result.n_evaluations,
-                   "seconds": round(result.wall_time, 1), "best_trial": result.best.trial,
-                   "study": result.study_name,
-                   "pareto": [{"trial": c.trial, "kl": c.value, "usage": c.usage} for c in result.pareto]},
-        "timings": clock.times,
-        "versions": versions(),
-        "recipe": recipe.model_dump(mode="json"),
-    }
-    if isinstance(spec.compression, QuantizationSpace):
-        report["quantization"] = quantized_usage(arch, problem, candidate.current)
-        report["formats"] = applied_formats(problem, candidate.current)
-    if width:
-        report["reformation"] = evaluated["reformation"]
-        report["widths"] = subnetwork.block_widths(arch, list(problem.model_units.values()))
-    (out / "result.json").write_text(json.dumps(report, indent=1))
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
-    return report
+    levels = problem.typed(best)
+    counted = kind.measure(arch, problem, levels)
+    budget_record = BudgetRecord(resource=problem.budget.resource, label=problem.budget.label, value=settings.budget,
+                                 planned=problem.budget.usage(problem.space, best),
+                                 measured=counted.get(problem.budget.resource),
+                                 **_whole_model(settings, problem, best, table))
+    run = RunResult(
+        settings=settings,
+        space={"units": len(problem.space.units)} | spec.model_dump(mode="json"),
+        budget=budget_record,
+        database=str(database.root) if database.root else None,
+        assignment=best,
+        levels=levels,
+        fitness={"kl": refined["kl"], "tokens": teacher.max_tokens, "search_value": result.best.value},
+        perplexity={"corpus": corpus.name, "tokens": evaluated["tokens"], "dense": dense_ppl,
+                    "compressed": refined["perplexity"]},
+        baselines=baselines,
+        parameters={"dense": sum(u.params for u in problem.model_units.values()),
+                    "kept": kind.kept_parameters(arch, problem)},
+        search=SearchRecord(sampler=settings.sampler, evaluations=result.n_evaluations,
+                            seconds=round(result.wall_time, 1), best_trial=result.best.trial, study=result.study_name,
+                            pareto=[{"trial": c.trial, "kl": c.value, "usage": c.usage} for c in result.pareto],
+                            history=[p.model_dump() for p in result.history.points]),
+        draws={"database": draw.model_copy(update={"starts": _starts(corpus, draw)}),
+               "fitness": fitness_draw.model_copy(update={"starts": _starts(corpus, fitness_draw)})},
+        timings=clock.times,
+        versions=versions(),
+        reformation=refined.get("reformation"),
+        **kind.record(arch, problem, levels, counted),
+    )
+    return Compressed(model, tokenizer, run, problem)
+
+
+def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = False, force: bool = False,
+               progress: bool = True, remote: bool = False) -> RunResult:
+    """Run the search that `settings` describe into `out`. With ``settings.workers``, start
+    that many local workers, or with `remote` wait for as many ``evosearch worker``
+    processes started elsewhere."""
+    from evosearch.recipe import Recipe  # the recipe module builds on SearchSettings
+
+    if settings.workers and not settings.storage:
+        raise EvosearchError("--workers needs --storage that workers can share: a journal file (path ending in "
+                             ".journal) on one host, or postgresql://... across hosts")
+    folder = RunFolder(out)
+    folder.prepare(resume, force)
+    recipe = Recipe.from_settings(settings, out)
+    # A resumed run keeps the files of the run it continues until it finishes: were these settings
+    # refused (another seed, say), the folder would otherwise describe a search it does not hold.
+    folder.write_text_once(RECIPE, recipe.to_yaml(), resume)
+    if settings.workers:
+        open_storage(settings.storage)  # refuses SQLite and reaches the server before anything is loaded
+    model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
+    compressed = compress(model, tokenizer, settings=settings, corpus=corpus, folder=folder, resume=resume,
+                          remote=remote, progress=progress)
+    result = compressed.result.model_copy(update={"recipe": recipe.model_dump(mode="json")})
+    compressed.result = result
+    compressed.save(folder.path)
+    folder.write_text(RECIPE, recipe.to_yaml())
+    return result
 
 
 def search_problem(settings: SearchSettings, spec: CompressionSpace, arch) -> tuple[SearchProblem, object]:
@@ -246,9 +239,29 @@ def search_problem(settings: SearchSettings, spec: CompressionSpace, arch) -> tu
     from evosearch import hardware
 
     table = hardware.HardwareTable.load(settings.hardware) if settings.hardware else None
-    problem = hardware.attach(spec.materialize_levels(arch), table)
+    problem = hardware.attach(spec.materialize(arch, None), table)
     budget = hardware.budget_for(settings.budget_resource, settings.budget, problem, table)
     return problem.with_budget(budget), table
+
+
+def sampler_for(settings: SearchSettings, spec: CompressionSpace, problem: SearchProblem, database: Database):
+    """The sampler a run names: by name, or for the heuristics that read per-unit statistics gathered
+    with the database (OWL, ShortGPT), an object built for this problem."""
+    if settings.sampler in heuristics.HEURISTICS:
+        return heuristics.for_problem(settings.sampler, problem, database.stats)
+    return settings.sampler
+
+
+def _sampler_options(settings: SearchSettings, spec: CompressionSpace, problem: SearchProblem) -> dict:
+    """A space's sampler defaults (offspring...) are those of EvoPress, the default sampler; others take none."""
+    if settings.sampler in heuristics.HEURISTICS:
+        return {}
+    options = (dict(spec.sampler) if settings.sampler == "evopress" else {}) | settings.sampler_options
+    if settings.generations is not None and settings.sampler == "evopress":
+        options["generations"] = settings.generations
+    if problem.starts and settings.sampler == "evopress":
+        options.setdefault("starts", problem.starts)
+    return options
 
 
 def _whole_model(settings: SearchSettings, problem: SearchProblem, best: dict, table) -> dict:
@@ -265,17 +278,31 @@ def _whole_model(settings: SearchSettings, problem: SearchProblem, best: dict, t
             "target": None if table is None else f"{table.target} ({table.device})"}
 
 
-def _load(settings: SearchSettings, device: str | None):
-    """The space, model, problem (with its hardware table, if any), corpus and fitness tokens that
-    `settings` name."""
-    spec = CompressionSpace.load(settings.space)
-    model, tokenizer = load_model(settings.model, device=device, dtype=settings.dtype)
-    arch = architecture(model)
-    problem, table = search_problem(settings, spec, arch)
-    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
-    fitness_sequences = math.ceil(max(settings.fidelities) / settings.sequence_length)
-    fitness_tokens = corpus.calibration_sequences(fitness_sequences, settings.sequence_length, seed=settings.seed + 1)
-    return spec, model, tokenizer, arch, problem, table, corpus, fitness_tokens
+def _corpus(corpus, text, tokens, tokenizer, settings: SearchSettings) -> Corpus:
+    """The run's text: a ``Corpus``, a corpus source, raw text or token ids (one of them)."""
+    given = [name for name, value in (("corpus", corpus), ("text", text), ("tokens", tokens)) if value is not None]
+    if len(given) > 1:
+        raise EvosearchError(f"compress: give one of corpus, text and tokens, not {' and '.join(given)}")
+    if isinstance(corpus, Corpus):
+        return corpus
+    if text is not None:
+        documents = [text] if isinstance(text, str) else list(text)
+        ids = tokenizer("\n\n".join(d.strip() for d in documents if d.strip()), add_special_tokens=False)["input_ids"]
+        return Corpus("text", np.asarray(ids, dtype=np.int32))
+    if tokens is not None:
+        ids = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+        return Corpus("tokens", ids.reshape(-1).astype(np.int32))
+    return load_corpus(corpus if corpus is not None else settings.corpus, tokenizer, text_field=settings.text_field)
+
+
+def _draws(settings: SearchSettings) -> dict[str, Draw]:
+    from evosearch.run import default_draws
+
+    return default_draws(settings)
+
+
+def _starts(corpus: Corpus, draw: Draw) -> list[int]:
+    return [int(s) for s in corpus.calibration_starts(draw.sequences, draw.length, draw.seed)]
 
 
 def worker_fitness(options: dict, device: str | None = None) -> KLFitness:
@@ -286,29 +313,28 @@ def worker_fitness(options: dict, device: str | None = None) -> KLFitness:
     evaluation, and many workers must not build one database at once.
     """
     settings = SearchSettings(**options)
-    _, model, _, arch, problem, _, corpus, fitness_tokens = _load(settings, device or settings.device)
-    database = _open_database(settings, problem, model_fingerprint(model), corpus)
-    missing = [f"{unit}/{key}" for unit, keys in problem.keys.items() for key in keys
-               if key not in ("dense", "drop") and not database.has(unit, key)]
+    spec = CompressionSpace.load(settings.space)
+    model, tokenizer = load_model(settings.model, device=device or settings.device, dtype=settings.dtype)
+    arch = architecture(model)
+    problem, _ = search_problem(settings, spec, arch)
+    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
+    database = open_database(settings, problem, model_fingerprint(model), corpus)
+    missing = [f"{unit}/{key}" for unit in problem.model_units for key in needed_entries(problem, unit)
+               if not database.has(unit, key)]
     if missing:
         raise EvosearchError(f"database {database.root} lacks {len(missing)} entries (such as {missing[0]}); "
                              f"workers read the search's database: on another host, give them its folder "
                              f"(--database on a shared file system)")
-    teacher = Teacher.build(model, fitness_tokens, top_k=settings.top_k, progress=False)
-    fitness = KLFitness(CandidateModel(model, arch, problem, database), teacher,
-                        compile_blocks=_compile(settings, model))
-    fitness.fidelities = sorted(settings.fidelities)
-    return fitness
+    draw = _draws(settings)["fitness"]
+    teacher = Teacher.build(model, corpus.calibration_sequences(draw.sequences, draw.length, seed=draw.seed),
+                            top_k=settings.top_k, progress=False)
+    return KLFitness(CandidateModel(model, arch, problem, database), teacher, compile_blocks=_compile(settings, model),
+                     fidelities=sorted(settings.fidelities))
 
 
 def _gpus() -> list[str]:
     """One device per local worker, round robin: the visible GPUs, else the CPU."""
     return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
-
-
-def _write_unless_resumed(path: Path, text: str, resume: bool) -> None:
-    if not (resume and path.exists()):
-        path.write_text(text)
 
 
 class _Stopwatch:
@@ -331,54 +357,56 @@ def _compile(settings: SearchSettings, model) -> bool:
     return next(model.parameters()).device.type == "cuda"
 
 
-def _evaluate_baseline(name: str, problem: SearchProblem, fitness: KLFitness, candidate: CandidateModel,
-                       eval_windows: torch.Tensor, tokenizer, progress: bool) -> dict:
-    """A baseline sampler's answer on the same database, fitness and held-out text."""
-    result = search(problem.space, fitness, problem.budget, sampler=name, seed=0, progress=False)
-    candidate.apply(result.best.assignment)
-    ppl = perplexity(candidate.model, eval_windows, tokenizer=tokenizer, progress=progress)
-    return {"kl": fitness.teacher.kl(candidate.model), "perplexity": ppl.perplexity,
-            "usage": problem.budget.usage(problem.space, result.best.assignment), "assignment": result.best.assignment}
+def _measure(candidate: CandidateModel, teacher: Teacher, windows: torch.Tensor, tokenizer, progress: bool) -> dict:
+    """KL to the dense model and held-out perplexity of the candidate as it is."""
+    measured = perplexity(candidate.model, windows, tokenizer=tokenizer, progress=progress)
+    return {"kl": teacher.kl(candidate.model), "perplexity": measured.perplexity, "tokens": measured.tokens}
 
 
-def _reform_and_evaluate(evaluated: dict, problem: SearchProblem, candidate: CandidateModel, teacher: Teacher,
-                         calibration: torch.Tensor, eval_windows: torch.Tensor, tokenizer, progress: bool) -> dict:
-    """Reform the sub-network in place (``evaluated`` holds its masked kl and perplexity) and measure
-    it again: the kl and perplexity after reformation, and a ``reformation`` record of both."""
-    model, arch = candidate.model, candidate.arch
-    reformation = problem.spec.compression.reform
+def _refine(problem: SearchProblem, candidate: CandidateModel, teacher: Teacher, calibration: torch.Tensor,
+            windows: torch.Tensor, tokenizer, evaluated: dict, progress: bool) -> dict:
+    """Let the kind improve the levels in place (a width search's reformation) and measure again: the
+    KL and perplexity after, and a ``reformation`` record of both. Nothing to refine: ``evaluated``."""
     started = time.perf_counter()
-    record = subnetwork.reform_subnetwork(model, arch, list(problem.model_units.values()), candidate.dense,
-                                          calibration, reformation, progress=progress)
-    candidate.mark_changed(problem.model_units)
+    record = problem.compression.refine(problem, candidate, calibration, progress=progress)
+    if record is None:
+        return evaluated
     seconds = time.perf_counter() - started
-    kl = teacher.kl(model)
-    ppl = perplexity(model, eval_windows, tokenizer=tokenizer, progress=progress).perplexity
-    record |= reformation.model_dump() | {"kl_before": evaluated["kl"], "kl_after": kl,
-                                          "perplexity_before": evaluated["perplexity"], "perplexity_after": ppl,
-                                          "seconds": round(seconds, 1)}
-    return {"kl": kl, "perplexity": ppl, "reformation": record}
+    after = _measure(candidate, teacher, windows, tokenizer, progress)
+    record |= {"kl_before": evaluated["kl"], "kl_after": after["kl"], "perplexity_before": evaluated["perplexity"],
+               "perplexity_after": after["perplexity"], "seconds": round(seconds, 1)}
+    return after | {"reformation": record}
 
 
-def _open_database(settings: SearchSettings, problem: SearchProblem, fingerprint: str, corpus) -> Database:
-    comp = problem.spec.compression
-    identity = {"model": fingerprint, "compression": comp.kind, "method": getattr(comp, "method", None),
-                "corpus": hashlib.sha256(corpus.calibration.tobytes()).hexdigest()[:16],
-                "sequences": settings.calibration_sequences, "length": settings.sequence_length,
-                "seed": settings.seed, "dtype": str(settings.dtype)}
-    if isinstance(comp, QuantizationSpace):
-        identity["format"] = comp.format_identity()
-    stored_reform = getattr(comp, "reform", None)
-    if isinstance(comp, WidthSpace) and comp.fitness == "masked":
-        stored_reform = None  # such a database holds importance orders only, which reformation does not change
-    if stored_reform is not None:  # reformed entries differ from plain ones; other databases keep their key
-        identity["reform"] = stored_reform.model_dump()
+def _baseline(name: str, settings: SearchSettings, spec: CompressionSpace, problem: SearchProblem, database: Database,
+              fitness: KLFitness, candidate: CandidateModel, windows: torch.Tensor, tokenizer,
+              calibration: torch.Tensor, progress: bool) -> BaselineRecord:
+    """A baseline sampler's answer on the same database, fitness and held-out text."""
+    sampler = heuristics.for_problem(name, problem, database.stats) if name in heuristics.HEURISTICS else name
+    result = search(problem.space, fitness, problem.budget, sampler=sampler, seed=0, progress=False)
+    candidate.apply(result.best.assignment)
+    evaluated = _measure(candidate, fitness.teacher, windows, tokenizer, progress)
+    refined = _refine(problem, candidate, fitness.teacher, calibration, windows, tokenizer, evaluated, progress)
+    record = {"kl": refined["kl"], "perplexity": refined["perplexity"],
+              "usage": problem.budget.usage(problem.space, result.best.assignment),
+              "assignment": result.best.assignment}
+    if "reformation" in refined:
+        record["reformation"] = refined["reformation"]
+    return BaselineRecord(**record)
+
+
+def open_database(settings: SearchSettings, problem: SearchProblem, fingerprint: str, corpus: Corpus) -> Database:
+    """The database of a run: its folder in the cache is keyed by everything its entries depend on."""
+    identity = {"model": fingerprint} | problem.compression.database_identity() | {
+        "corpus": hashlib.sha256(corpus.calibration.tobytes()).hexdigest()[:16],
+        "sequences": settings.calibration_sequences, "length": settings.sequence_length,
+        "seed": settings.seed, "dtype": str(settings.dtype)}
     root = Path(settings.database) if settings.database else (
         assets.cache_dir() / "databases" / hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16])
     return Database(root, identity=identity)
 
 
-def _dense_perplexity(model, tokenizer, windows: torch.Tensor, fingerprint: str, corpus) -> float:
+def _dense_perplexity(model, tokenizer, windows: torch.Tensor, fingerprint: str, corpus: Corpus) -> float:
     """The dense model's perplexity, cached: it is the same for every search on that model and text."""
     key = hashlib.sha256(fingerprint.encode() + windows.numpy().tobytes()).hexdigest()[:16]
     path = assets.cache_dir() / "evaluations" / f"{key}.json"
@@ -388,104 +416,3 @@ def _dense_perplexity(model, tokenizer, windows: torch.Tensor, fingerprint: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"perplexity": value, "corpus": corpus.name}))
     return value
-
-
-def measured_usage(model, arch, problem: SearchProblem, applied: dict[str, str] | None = None) -> float | None:
-    """The budget's resource counted from the model's weights, not from the plan.
-
-    Quantised layers do not show their bit-width, so for them ``applied`` (unit ->
-    database key, ``CandidateModel.current``) says which format each layer holds and
-    ``quantized_usage`` checks the weights against it.
-    """
-    resource = problem.budget.resource
-    if isinstance(problem.spec.compression, QuantizationSpace):
-        return quantized_usage(arch, problem, applied)[resource]
-    if resource == "sparsity":
-        zeros = sum(int((arch.module(u).weight == 0).sum()) for u in problem.model_units)
-        return zeros / sum(arch.module(u).weight.numel() for u in problem.model_units)
-    if resource == "dropped":
-        return float(sum(is_dropped(arch, mu) for mu in problem.model_units.values()))
-    if resource in ("latency_ms", "prefill_ms", "bytes"):
-        return None  # counted on the export (evosearch.json's tensor_bytes) and measured on the target, not here
-    if resource == "kept":
-        units = list(problem.model_units.values())
-        return subnetwork.kept_parameters(arch, units) / sum(mu.params for mu in units)
-    raise EvosearchError(f"no way to count {resource!r} from weights")
-
-
-def applied_formats(problem: SearchProblem, applied: dict[str, str]) -> dict[str, dict]:
-    """Each quantised layer's format and pruned zeros, as ``evosearch.heal`` reads ``result.json``'s
-    ``formats`` (healing then keeps every layer on its grid and its zeros at zero)."""
-    comp = problem.spec.compression
-    formats = {}
-    for unit in problem.model_units:
-        zeros, bits = parse_quant_key(applied[unit])
-        formats[unit] = {"bits": bits, "group_size": comp.group_size, "symmetric": comp.symmetric, "zeros": zeros}
-    return formats
-
-
-def quantized_usage(arch, problem: SearchProblem, applied: dict[str, str]) -> dict[str, float]:
-    """Average bits, packed bytes, their fraction of float16 and the non-zero weights of the
-    searched layers in the formats ``applied`` names, checked against the weights.
-
-    A layer's bit-width is taken from the applied format and verified: every group of
-    its weights must hold at most 2^bits distinct values. Zeros are counted from the
-    weights, so a joint level's bytes are those of the weights as they are, which is the
-    bitmask export writes (rounding may zero a few more than pruning did, so this is at
-    most the level's count; the quantisation-only spaces store every weight).
-    """
-    comp = problem.spec.compression
-    joint = isinstance(comp, SparsityQuantSpace)
-    weights = bits = nbytes = nonzeros = 0
-    for unit in problem.model_units:
-        W = arch.module(unit).weight
-        _, b = parse_quant_key(applied[unit])
-        fmt = comp.format(b)
-        most = int(distinct_per_group(W, fmt.group_size).max())
-        if most > 2**b:
-            raise RuntimeError(f"{unit} holds {most} distinct values in one group: not the applied {b}-bit format")
-        count = int(torch.count_nonzero(W))
-        weights += W.numel()
-        bits += b * W.numel()
-        nbytes += packed_bytes(tuple(W.shape), fmt, count if joint else None)
-        nonzeros += count if joint else W.numel()
-    usage = {"bits": bits / weights, "bytes": float(nbytes), "fp16_fraction": nbytes / (2 * weights),
-             "params": float(nonzeros)}
-    if joint:
-        usage["sparsity"] = 1 - nonzeros / weights
-    return usage
-
-
-def is_dropped(arch, mu) -> bool:
-    """A block is dropped when its output projection is all zeros."""
-    outputs = {"attention": [arch.attention_linears(mu.block)[1]], "mlp": [arch.mlp_linears(mu.block)[1]],
-               "block": [arch.attention_linears(mu.block)[1], arch.mlp_linears(mu.block)[1]]}[mu.kind]
-    return all(not arch.module(name).weight.any() for name in outputs)
-
-
-def kept_parameters(model, arch, problem: SearchProblem) -> int:
-    """Non-zero parameters left in the searched units (a dropped block keeps none); for a
-    sub-network, the parameters of its kept heads and channels (what export keeps)."""
-    if isinstance(problem.spec.compression, WidthSpace):
-        return subnetwork.kept_parameters(arch, list(problem.model_units.values()))
-    total = 0
-    for mu in problem.model_units.values():
-        if mu.kind != "linear" and is_dropped(arch, mu):
-            continue
-        total += sum(int(torch.count_nonzero(p)) for name in mu.linears for p in arch.module(name).parameters())
-    return total
-
-
-def versions() -> dict[str, str]:
-    import optuna
-    import transformers
-
-    return {"evosearch": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "optuna": optuna.__version__, "numpy": np.__version__, "python": platform.python_version()}
-
-
-def _register_heuristics(problem: SearchProblem, database: Database) -> None:
-    """Make the model-specific baselines (OWL, ShortGPT) available as samplers for this problem."""
-    from evosearch.samplers import heuristics
-
-    heuristics.register_for(problem, database)

@@ -18,10 +18,10 @@ from matplotlib import colormaps
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 
-from evosearch.report import RESOURCE_LABELS, number
+from evosearch.allocation import RESOURCE_LABELS, number
 
 if TYPE_CHECKING:
-    from evosearch.report import History
+    from evosearch.engine import History
 
 
 def heatmap(alloc: dict, path: Path, title: str = "", target: float | None = None) -> Path:

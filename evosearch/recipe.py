@@ -33,7 +33,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from evosearch.errors import EvosearchError
-from evosearch.pipeline import SearchSettings
+from evosearch.settings import SearchSettings
 
 
 class Recipe(SearchSettings):

@@ -28,25 +28,17 @@ from __future__ import annotations
 import base64
 import html
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
 
+from evosearch.allocation import RESOURCE_LABELS, allocation
+from evosearch.engine import History, Point, history
 from evosearch.engine import _storage as open_storage  # a storage URL or journal file, read as the engine reads it
 from evosearch.errors import EvosearchError
-from evosearch.pipeline import default_storage
 from evosearch.recipe import Recipe
+from evosearch.run import RunFolder
 from evosearch.space import Space
-
-RESOURCE_LABELS = {  # colour-bar and column labels of resources the ready spaces use
-    "sparsity": "sparsity (fraction of weights zero)",
-    "dropped": "dropped (1) or kept (0)",
-    "bits": "bits per weight",
-    "params": "parameters kept",
-}
-
 
 # --- reading a run folder --------------------------------------------------------------
 
@@ -80,7 +72,7 @@ def _read_run(folder: str | Path) -> tuple[dict, History | None]:
         "status": "finished" if result else "interrupted",
         "result": result,
         "recipe": recipe,
-        "study": history.summary() if history else None,
+        "study": study_summary(history, storage) if history else None,
         "allocation": allocation(assignment, space, resource) if assignment else None,
         "resume": None if result else _resume_command(folder, recipe),
     }
@@ -102,9 +94,9 @@ def _read_recipe(path: Path) -> dict | None:
 
 
 def _study_file(folder: Path) -> str | None:
-    """The study a search wrote in ``folder``, where the search keeps it (``default_storage``), if any."""
-    written = (folder / "study.journal").exists() or (folder / "study.db").exists()
-    return default_storage(folder) if written else None
+    """The study a search wrote in ``folder``, where the search keeps it, if any."""
+    run = RunFolder(folder)
+    return run.study_storage() if run.has_study() else None
 
 
 def _resume_command(folder: Path, recipe: dict | None) -> str:
@@ -117,69 +109,8 @@ def _resume_command(folder: Path, recipe: dict | None) -> str:
 # --- the study ---------------------------------------------------------------------------
 
 
-@dataclass
-class Point:
-    """One complete, feasible candidate: its fitness and when the search had it."""
-
-    trial: int
-    value: float
-    fidelity: int
-    evaluations: int  # fitness evaluations done when it completed (of the trials closed by then)
-    usage: dict[str, float]
-    tradeoff: float | None  # the second objective of a multi-objective search
-    assignment: dict
-
-
-@dataclass
-class History:
-    """The trials of an evosearch study, in order, reduced to what reports need."""
-
-    name: str
-    storage: str
-    states: dict[str, int]
-    evaluations: int
-    budgets: list[dict]
-    sampler: str
-    tradeoff: dict | None  # a multi-objective search's second objective: {"label", "direction"}
-    points: list[Point]  # complete feasible candidates at the highest fidelity any reached, in completion order
-
-    @property
-    def best(self) -> Point | None:
-        return min(self.points, key=lambda p: (p.value, p.trial)) if self.points else None
-
-    def pareto(self) -> list[Point]:
-        """Candidates no other beats on both fitness and the traded-off resource (multi-objective only)."""
-        if self.tradeoff is None:
-            return []
-        sign = 1 if self.tradeoff["direction"] == "minimize" else -1
-        front, seen = [], set()
-        for p in sorted(self.points, key=lambda p: (sign * p.tradeoff, p.value)):
-            if (not front or p.value < front[-1].value) and (p.value, p.tradeoff) not in seen:
-                front.append(p)
-                seen.add((p.value, p.tradeoff))
-        return front
-
-    def summary(self) -> dict:
-        best = self.best
-        return {
-            "name": self.name, "storage": self.storage, "sampler": self.sampler, "trials": self.states,
-            "evaluations": self.evaluations, "budgets": self.budgets, "tradeoff": self.tradeoff,
-            "best": None if best is None else _point_dict(best, with_assignment=True),
-            "pareto": [_point_dict(p) for p in self.pareto()],
-        }
-
-
-def _point_dict(p: Point, with_assignment: bool = False) -> dict:
-    record = {"trial": p.trial, "value": p.value, "fidelity": p.fidelity, "usage": p.usage}
-    if p.tradeoff is not None:
-        record["tradeoff"] = p.tradeoff
-    if with_assignment:
-        record["assignment"] = p.assignment
-    return record
-
-
 def read_history(storage: str, study_name: str | None = None) -> History:
-    """Read an evosearch study (by name, or the only study in the storage)."""
+    """Read an evosearch study (by name, or the only study in the storage) as the engine sees it."""
     try:
         names = optuna.get_all_study_names(storage=open_storage(storage))
     except Exception as exc:  # SQLAlchemy and journal readers raise many kinds of errors on a bad file
@@ -192,114 +123,27 @@ def read_history(storage: str, study_name: str | None = None) -> History:
         study_name = evosearch_studies[0]
     elif study_name not in names:
         raise EvosearchError(f"storage {storage} has no study {study_name!r} (it has: {', '.join(names) or 'none'})")
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
-    settings = study.user_attrs.get("evosearch", {})
-    trials = study.get_trials(deepcopy=False)
-    states: dict[str, int] = {}
-    seen: set[tuple[str, int]] = set()
-    new_evaluations = {}
-    for t in sorted(trials, key=lambda t: t.number):
-        states[t.state.name] = states.get(t.state.name, 0) + 1
-        if "assignment" not in t.user_attrs:
-            continue
-        key = json.dumps(t.user_attrs["assignment"], sort_keys=True)
-        steps = set(t.intermediate_values)
-        if t.state == TrialState.COMPLETE:
-            steps.add(t.user_attrs.get("fidelity", 0))
-        if "failed_fidelity" in t.user_attrs:
-            steps.add(t.user_attrs["failed_fidelity"])
-        # The engine's memo: one evaluation per (assignment, fidelity), by the first trial that needed it.
-        new_evaluations[t.number] = len({(key, step) for step in steps} - seen)
-        seen.update((key, step) for step in steps)
-    # A trial's evaluations are all done when it is closed: count them in the order trials were closed.
-    done, candidates = 0, []
-    for t in sorted((t for t in trials if t.datetime_complete), key=lambda t: (t.datetime_complete, t.number)):
-        done += new_evaluations.get(t.number, 0)
-        if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible") and "assignment" in t.user_attrs:
-            candidates.append(Point(trial=t.number, value=t.values[0], fidelity=t.user_attrs.get("fidelity", 0),
-                                    evaluations=done, usage=t.user_attrs.get("usage", {}),
-                                    tradeoff=t.values[1] if len(t.values) > 1 else None,
-                                    assignment=t.user_attrs["assignment"]))
-    top = max((p.fidelity for p in candidates), default=0)
-    budgets = settings.get("budgets", [])
-    return History(name=study_name, storage=storage, states=states, evaluations=len(seen), budgets=budgets,
-                   sampler=settings.get("sampler", "?"), tradeoff=_tradeoff(study, settings),
-                   points=[p for p in candidates if p.fidelity == top])
+    return history(optuna.load_study(study_name=study_name, storage=open_storage(storage)))
 
 
-def _tradeoff(study: optuna.Study, settings: dict) -> dict | None:
-    """The second objective, named like the engine measures it: the budget on its resource, else a total."""
-    if len(study.directions) < 2:
-        return None
-    budgets = settings.get("budgets") or [{}]
-    resource = settings.get("sampler_options", {}).get("resource") or budgets[0].get("resource", "resource")
-    budget = next((b for b in budgets if b.get("resource") == resource), {})
-    form = "average" if "average" in budget or "max_average" in budget else "total"
-    return {"label": f"{form} {resource}", "direction": study.directions[1].name.lower()}
+def study_summary(found: History, storage: str) -> dict:
+    """What ``show`` says of a study: trials per state, evaluations, the best so far, the Pareto set."""
+    best = found.best
+    return {
+        "name": found.name, "storage": storage, "sampler": found.sampler, "trials": found.states,
+        "evaluations": found.evaluations, "budgets": found.budgets, "tradeoff": found.tradeoff,
+        "best": None if best is None else _point_dict(best, with_assignment=True),
+        "pareto": [_point_dict(p) for p in found.pareto()],
+    }
 
 
-# --- the allocation grid ---------------------------------------------------------------
-
-
-def unit_position(name: str) -> tuple[int | None, str]:
-    """(layer, row) of a unit name: ``model.layers.7.mlp.up_proj`` is (7, "mlp.up_proj")."""
-    parts = name.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return int(part), ".".join(parts[i + 1 :]) or "block"
-    return None, name
-
-
-def allocation(assignment: dict, space: Space | None, resource: str | None) -> dict:
-    """The assignment as a grid: rows are unit types, columns layers, cells the resource at the unit's level.
-
-    Without the space (no space.yaml), numeric levels stand for themselves. Units with no
-    layer number in their name are listed under ``other``.
-    """
-    units = {u.name: u for u in space.units} if space else {}
-    rows: list[str] = []
-    layers: set[int] = set()
-    cells: dict[tuple[str, int], tuple[float | None, str, float]] = {}
-    other = {}
-    for name, level in assignment.items():
-        value = _value(units.get(name), level, resource)
-        if isinstance(level, str) or value is None:
-            label = str(level)
-        else:
-            label = number(value)
-        size = units[name].size if name in units else 1.0
-        layer, row = unit_position(name)
-        if layer is None:
-            other[name] = label
-            continue
-        if row not in rows:
-            rows.append(row)
-        layers.add(layer)
-        cells[row, layer] = (value, label, size)
-    layers_sorted = sorted(layers)
-    values = [[cells.get((r, l), (None,))[0] for l in layers_sorted] for r in rows]
-    labels = [[cells[r, l][1] if (r, l) in cells else None for l in layers_sorted] for r in rows]
-    means = []
-    for l in layers_sorted:
-        present = [cells[r, l] for r in rows if (r, l) in cells and cells[r, l][0] is not None]
-        weight = sum(c[2] for c in present)
-        means.append(sum(c[0] * c[2] for c in present) / weight if present else None)
-    used_resource = resource if any(resource in u.resources for u in units.values()) else "level"
-    return {"resource": used_resource, "rows": rows, "layers": layers_sorted, "values": values, "labels": labels,
-            "layer_mean": means, "other": other}
-
-
-def _value(unit, level, resource: str | None) -> float | None:
-    if unit is not None and resource in unit.resources and level in unit.levels:
-        return float(unit.resources[resource][unit.levels.index(level)])
-    if isinstance(level, (int, float)) and not isinstance(level, bool):
-        return float(level)
-    return None
-
-
-def number(value: float) -> str:
-    """A resource value as a short label: 4, 0.53."""
-    return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
+def _point_dict(p: Point, with_assignment: bool = False) -> dict:
+    record = {"trial": p.trial, "value": p.value, "fidelity": p.fidelity, "usage": p.usage}
+    if p.tradeoff is not None:
+        record["tradeoff"] = p.tradeoff
+    if with_assignment:
+        record["assignment"] = p.assignment
+    return record
 
 
 # --- the terminal view -------------------------------------------------------------------
@@ -339,7 +183,7 @@ def render_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
-_KNOWN_SECTIONS = {"settings", "space", "budget", "assignment", "fitness", "perplexity", "baselines", "parameters",
+_KNOWN_SECTIONS = {"settings", "space", "budget", "assignment", "levels", "draws", "fitness", "perplexity", "baselines", "parameters",
                    "search", "timings", "versions", "recipe", "database", "quantization", "formats", "reformation",
                    "widths", "heal"}
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from evosearch.blocks import capture_block_inputs, run_block
 from evosearch.database.hessian import Hessian, layer_error
 from evosearch.database.structured import group_scores, reform, reform_closed_form
 from evosearch.errors import EvosearchError
@@ -164,12 +165,10 @@ def reform_subnetwork(model, arch: Architecture, units: list[ModelUnit], dense: 
     earlier units already rectified), the Hessian H of the output projection's input is
     collected and its kept columns are solved for so that the layer's output matches the
     dense layer's on those inputs, using the pruned columns' information (``dense``: the
-    dense weights by parameter name). ``reformation`` is a ``compression.Reformation``.
+    dense weights by parameter name). ``reformation`` is a ``kinds.base.Reformation``.
     The weights change in place. Returns the summed layer errors tr((W - W_hat) H (W -
     W_hat)^T) before (the masked layer) and after.
     """
-    from evosearch.database.build import capture_block_inputs, run_block
-
     pending = defaultdict(list)
     for mu in units:
         kept = kept_groups(arch, mu)

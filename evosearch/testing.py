@@ -170,13 +170,15 @@ PROBLEMS = {"knapsack": knapsack, "evopress_shaped": evopress_shaped, "linear_dr
 
 
 class SlowFitness:
-    """A problem's fitness that takes `delay` seconds per call; with `fidelities`, scored at a
-    fidelity f it is off by a deterministic relative error below 1/f (the same in every process)."""
+    """A problem's fitness (an ``engine.Fitness``) that takes `delay` seconds per call; with `fidelities`,
+    scored at a fidelity f it is off by a deterministic relative error below 1/f (the same in every process)."""
 
     def __init__(self, problem: Problem, fidelities: list[int] | None, delay: float):
         self.problem, self.delay = problem, delay
-        if fidelities:
-            self.fidelities = fidelities
+        self.fidelities = list(fidelities) if fidelities else None
+
+    def evaluate_batch(self, assignments: list[Assignment], fidelity: int | None) -> list[float]:
+        return [self(a, fidelity) for a in assignments]
 
     def __call__(self, assignment: Assignment, fidelity: int | None = None) -> float:
         time.sleep(self.delay)
@@ -192,3 +194,19 @@ def slow_fitness(options: dict, device: str | None = None) -> SlowFitness:
     "fidelities": [1, 8], "delay": 0.05}`` (`device` is unused)."""
     problem = PROBLEMS[options["problem"]](**options.get("args", {}))
     return SlowFitness(problem, options.get("fidelities"), options.get("delay", 0.0))
+
+
+def result_of(settings, levels: dict, assignment: dict | None = None):
+    """A ``RunResult`` for a search that was not run: its settings, its space and the chosen level of each
+    unit, every measurement empty (for tests of what reads results: heal, export, show)."""
+    from evosearch.compression import CompressionSpace
+    from evosearch.run import BudgetRecord, RunResult, SearchRecord
+
+    spec = CompressionSpace.load(settings.space)
+    return RunResult(settings=settings, space={"units": len(levels)} | spec.model_dump(mode="json"),
+                     budget=BudgetRecord(resource=spec.budget.resource, label=spec.budget.resource,
+                                         value=settings.budget, planned=settings.budget),
+                     assignment=assignment or {unit: level.name for unit, level in levels.items()}, levels=levels,
+                     fitness={}, perplexity={}, parameters={"dense": 0, "kept": 0},
+                     search=SearchRecord(sampler=settings.sampler, evaluations=0, seconds=0.0, best_trial=0,
+                                         study="none"))

@@ -34,23 +34,28 @@ class Family:
     attention_output: str
     mlp_inputs: tuple[str, ...]  # gate/up (or fc1), relative to a block
     mlp_output: str
+    attention_norm: str  # the norm in front of the attention, relative to a block (it goes when the attention does)
+    mlp_norm: str  # the norm in front of the MLP
     final: tuple[str, ...]  # modules after the last block, in order (final norm...); absent ones are skipped
     examples: str  # for messages: models known to match
+    mlp_activation: str | None = None  # where the MLP is no module (OPT), the block's activation between its layers
 
 
 LLAMA = Family(
     name="llama", layers="model.layers", attention="self_attn", mlp="mlp",
     attention_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     attention_output="self_attn.o_proj",
-    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj", final=("model.norm",),
+    mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj",
+    attention_norm="input_layernorm", mlp_norm="post_attention_layernorm", final=("model.norm",),
     examples="Llama, Mistral, Qwen2/3, SmolLM, Phi-3-style layouts with separate q/k/v",
 )
 OPT = Family(
     name="opt", layers="model.decoder.layers", attention="self_attn", mlp="mlp",
     attention_inputs=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     attention_output="self_attn.out_proj",
-    mlp_inputs=("fc1",), mlp_output="fc2", final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
-    examples="OPT",
+    mlp_inputs=("fc1",), mlp_output="fc2", attention_norm="self_attn_layer_norm", mlp_norm="final_layer_norm",
+    final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+    examples="OPT", mlp_activation="activation_fn",
 )
 FAMILIES = (LLAMA, OPT)
 
@@ -111,6 +116,59 @@ class Architecture:
         prefix = self.block_name(block)
         return [f"{prefix}.{r}" for r in self.family.mlp_inputs], f"{prefix}.{self.family.mlp_output}"
 
+    def sub_block_prefixes(self, kind: str) -> tuple[str, ...]:
+        """Parameter-name prefixes, relative to a block, of what an attention or MLP sub-block (or a
+        whole block) consists of: its module or linear layers and the norm in front of it."""
+        f = self.family
+        if kind == "attention":
+            return f"{f.attention}.", f"{f.attention_norm}."
+        if kind == "mlp":
+            return f"{f.mlp}.", *(f"{name}." for name in (*f.mlp_inputs, f.mlp_output)), f"{f.mlp_norm}."
+        if kind == "block":
+            return ("",)
+        raise ValueError(f"{kind!r} is not a sub-block kind")
+
+    def other_parameters(self, unit: ModelUnit) -> list[torch.Tensor]:
+        """Parameters that go with a sub-block or block besides its linear layers (its norms)."""
+        if unit.kind == "linear":
+            return []
+        linear = {id(p) for name in unit.linears for p in self.module(name).parameters()}
+        prefixes = self.sub_block_prefixes(unit.kind)
+        return [p for name, p in self.blocks[unit.block].named_parameters()
+                if name.startswith(prefixes) and id(p) not in linear]
+
+    def norm(self, block: int, kind: str) -> nn.Module:
+        """The norm in front of a block's attention or MLP."""
+        name = self.family.attention_norm if kind == "attention" else self.family.mlp_norm
+        return self.blocks[block].get_submodule(name)
+
+    def sub_block(self, unit: ModelUnit) -> nn.Module:
+        """The module that computes a unit alone (``evosearch profile`` times it): a linear layer, the
+        attention, the MLP (its layers around the activation where the family has no MLP module), a block."""
+        if unit.kind != "mlp":
+            return self.module(unit.name)
+        block = self.blocks[unit.block]
+        if self.family.mlp_activation is None:
+            return block.get_submodule(self.family.mlp)
+        inputs, output = self.mlp_linears(unit.block)
+        return _InlineMLP([self.module(n) for n in inputs], getattr(block, self.family.mlp_activation),
+                          self.module(output))
+
+    def fused_inputs(self) -> tuple[tuple[str, ...], ...]:
+        """Input projections that read one input and that runtimes fuse into one matrix product (q/k/v,
+        gate/up), relative to a block."""
+        return tuple(group for group in (self.family.attention_inputs, self.family.mlp_inputs) if len(group) > 1)
+
+    def output_linears(self, unit: ModelUnit) -> list[str]:
+        """The output projections of an attention, MLP or block unit: zeroed, the unit adds nothing."""
+        outputs = {"attention": [self.attention_linears(unit.block)[1]], "mlp": [self.mlp_linears(unit.block)[1]],
+                   "block": [self.attention_linears(unit.block)[1], self.mlp_linears(unit.block)[1]]}
+        return outputs[unit.kind]
+
+    def is_dropped(self, unit: ModelUnit) -> bool:
+        """A sub-block or block is dropped when its output projections are all zeros."""
+        return all(not self.module(name).weight.any() for name in self.output_linears(unit))
+
     @property
     def heads(self) -> tuple[int, int, int]:
         """(query heads, key/value heads, head dimension)."""
@@ -152,6 +210,19 @@ class Architecture:
 
     def _params(self, linears) -> int:
         return sum(p.numel() for name in linears for p in self.module(name).parameters())
+
+
+class _InlineMLP(nn.Module):
+    """An MLP whose layers sit on the block (OPT: fc1, activation, fc2) as one module."""
+
+    def __init__(self, inputs: list[nn.Module], activation, output: nn.Module):
+        super().__init__()
+        if len(inputs) != 1:
+            raise ValueError("an inline MLP has one input projection")
+        self.inner, self.activation, self.output = inputs[0], activation, output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.activation(self.inner(x)))
 
 
 def architecture(model: nn.Module) -> Architecture:

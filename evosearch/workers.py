@@ -65,7 +65,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage, _CachedStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from evosearch.engine import _caller, _quiet_optuna, _storage, fidelities_of
+from evosearch.engine import _quiet_optuna, _storage, as_fitness, fidelities_of
 from evosearch.errors import EvosearchError
 from evosearch.space import Assignment
 
@@ -129,8 +129,7 @@ class Workers:
         if not 0 < heartbeat < grace:
             raise EvosearchError(f"workers: need 0 < heartbeat < grace, got heartbeat={heartbeat}, grace={grace}")
         self.parallelism = count
-        if fidelities is not None:
-            self.fidelities = list(fidelities)
+        self.fidelities = None if fidelities is None else list(fidelities)
         self.storage, self.study_name, self.local, self.factory = storage, study_name, local, factory
         self.devices, self.grace, self.retries = devices or [None], grace, retries
         self._store = open_storage(storage)
@@ -299,11 +298,14 @@ def run_worker(storage: str, study_name: str, *, factory: str = DEFAULT_FACTORY,
             return 0
         attrs = store.get_study_user_attrs(study_id)
         with stop.interrupting():  # loading a model can take a while
-            fitness = load_factory(factory)(attrs["options"], device)
+            fitness = as_fitness(load_factory(factory)(attrs["options"], device))
         if fidelities_of(fitness) != (attrs["fidelities"] or [0]):
             raise EvosearchError(f"--fitness {factory}: the fitness' fidelities {fidelities_of(fitness)} are not "
                                  f"the search's {attrs['fidelities']}")
-        call = _caller(fitness, multi_fidelity=attrs["fidelities"] is not None)
+        multi = attrs["fidelities"] is not None
+
+        def call(assignments, fidelity):
+            return list(fitness.evaluate_batch(assignments, fidelity if multi else None))
         me = f"{socket.gethostname()}:{os.getpid()}" + (f":{device}" if device else "")
         logger.info("worker %s evaluating for study %r", me, study_name)
         done, delay = 0, 0.002

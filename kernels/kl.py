@@ -1,7 +1,8 @@
 """KL(teacher || student) over the vocabulary: the fused Triton kernel where it runs, else PyTorch.
 
-``kl_divergence`` and ``kl_divergence_topk`` take the arguments of the PyTorch references
-of the same names in ``evosearch.evaluate`` and return the same sum over rows. On CUDA
+``kl_divergence`` and ``kl_divergence_topk`` take the arguments of their PyTorch references
+(``kl_divergence_reference``, ``kl_divergence_topk_reference``, below; ``evosearch.evaluate``
+calls them ``kl_divergence``, ``kl_divergence_topk``) and return the same sum over rows. On CUDA
 tensors with Triton installed they run the kernels of ``kl_triton.py``; anywhere else
 (a CPU, no Triton) they call those references.
 
@@ -38,6 +39,35 @@ import torch
 log = logging.getLogger("evosearch")
 
 
+def kl_divergence_reference(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL(p || q) with p = exp(teacher_logprobs), q = softmax(student_logits).
+
+    The plain PyTorch reference (``evosearch.evaluate.kl_divergence``); ``kl_divergence`` below is the
+    fused GPU version tested against it, which ``Teacher.kl`` calls.
+    """
+    t = teacher_logprobs.float()
+    s = torch.log_softmax(student_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum()
+
+
+def kl_divergence_topk_reference(top_logprobs: torch.Tensor, top_indices: torch.Tensor, tail_logprob: torch.Tensor,
+                       student_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of KL between teacher and student coarsened to (top-k tokens, the rest).
+
+    Both tails are taken as log-sum-exps over the tokens outside the teacher's top k (not
+    as 1 - sum of the top k, which cancels catastrophically when the tail is tiny).
+    """
+    logits = student_logits.float()
+    index = top_indices.long()
+    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
+    s = logits.gather(-1, index) - log_norm
+    s_tail = torch.logsumexp(logits.scatter(-1, index, float("-inf")), dim=-1) - log_norm.squeeze(-1)
+    t = top_logprobs.float()
+    t_tail = tail_logprob.float()
+    tail = torch.where(torch.isfinite(t_tail), t_tail.exp() * (t_tail - s_tail), torch.zeros_like(t_tail))
+    return (t.exp() * (t - s)).sum() + tail.sum()
+
+
 def kl_divergence(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """Sum over rows of KL(p || q), p = exp(teacher_logprobs), q = softmax(student_logits), float32.
 
@@ -45,9 +75,7 @@ def kl_divergence(teacher_logprobs: torch.Tensor, student_logits: torch.Tensor) 
     the kernel takes ``0 log 0 = 0`` where the reference gives NaN for a teacher log-prob of -inf.
     """
     if not _fused(student_logits):
-        from evosearch.evaluate import kl_divergence as reference  # here: evaluate.py imports this module
-
-        return reference(teacher_logprobs, student_logits)
+        return kl_divergence_reference(teacher_logprobs, student_logits)
     from . import kl_triton  # here: it needs triton, which CPU-only installs lack
 
     V = student_logits.shape[-1]
@@ -62,9 +90,7 @@ def kl_divergence_topk(top_logprobs: torch.Tensor, top_indices: torch.Tensor, ta
     ``topk`` gives them), and the student's tail is a log-sum-exp over the other tokens.
     """
     if not _fused(student_logits):
-        from evosearch.evaluate import kl_divergence_topk as reference
-
-        return reference(top_logprobs, top_indices, tail_logprob, student_logits)
+        return kl_divergence_topk_reference(top_logprobs, top_indices, tail_logprob, student_logits)
     from . import kl_triton
 
     V, k = student_logits.shape[-1], top_indices.shape[-1]

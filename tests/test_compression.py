@@ -2,6 +2,7 @@ import pytest
 
 from evosearch.compression import CompressionSpace, ready_spaces
 from evosearch.errors import EvosearchError
+from evosearch.kinds import NM, Dense, Sparse
 from evosearch.units import architecture
 
 
@@ -29,13 +30,13 @@ def test_sparsity_levels_step_by_equal_numbers_of_weights(llama):
     assert a.size != b.size
     switched = dict(uniform, **{a.name: 1, b.name: -1})
     assert problem.budget.usage(space, switched) == pytest.approx(problem.budget.usage(space, uniform), abs=1e-12)
-    assert problem.key(a.name, 1).startswith("zeros=")
+    assert problem.level(a.name, 1) == Sparse(zeros=round(a.resources["sparsity"][a.levels.index(1)] * a.size))
 
 
 def test_nm_and_drop_spaces(llama):
     arch = architecture(llama)
     nm = CompressionSpace.load("sparsity-2of4").materialize(arch, 0.4)
-    assert nm.space.units[0].levels == [0.0, "2:4"] and nm.keys[nm.space.units[0].name] == ["dense", "2:4"]
+    assert nm.space.units[0].levels == [0.0, "2:4"] and nm.levels[nm.space.units[0].name] == [Dense(), NM(n=2, m=4)]
     drop = CompressionSpace.load("drop").materialize(arch, 0.25)
     assert [u.name for u in drop.space.units][:2] == ["model.layers.0.self_attn", "model.layers.0.mlp"]
     assert drop.budget.total == 1  # a quarter of 4 blocks
@@ -46,7 +47,7 @@ def test_space_errors(tmp_path, llama):
         CompressionSpace.load("no-such-space")
     typo = tmp_path / "typo.yaml"
     typo.write_text("compression: {kind: sparsity, methd: wanda}\nbudget: {resource: sparsity}\n")
-    with pytest.raises(EvosearchError, match="compression.sparsity.methd: Extra inputs are not permitted"):
+    with pytest.raises(EvosearchError, match="compression.methd: Extra inputs are not permitted"):
         CompressionSpace.load(typo)
     bad_level = tmp_path / "bad.yaml"
     bad_level.write_text("compression: {kind: sparsity, levels: [0.0, '5:4']}\nbudget: {resource: sparsity}\n")

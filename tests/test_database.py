@@ -3,7 +3,8 @@ import torch
 
 from evosearch.candidate import CandidateModel
 from evosearch.compression import CompressionSpace
-from evosearch.database.build import build_database, capture_block_inputs, run_block
+from evosearch.blocks import capture_block_inputs, run_block
+from evosearch.database.build import build_database
 from evosearch.database.store import Database
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher
@@ -96,3 +97,19 @@ def test_fast_fitness_equals_the_reference_kl(request, fixture):
             fitness.candidate.apply(assignment)
             assert value == pytest.approx(teacher.kl(model, tokens=tokens, batch_size=2), rel=1e-6, abs=1e-9)
     assert fast[0] == pytest.approx(0, abs=1e-6) and all(v > 0 for v in fast[1:])
+
+
+def test_a_space_of_n_m_levels_only_builds_with_sparsegpt(llama):
+    """sparsity-2of4 asks SparseGPT for no unstructured level at all (it once failed on that empty sweep)."""
+    from evosearch.database.sparsity import nm_mask_ok
+
+    arch = architecture(llama)
+    problem = CompressionSpace.load("sparsity-2of4").materialize(arch, 0.25)
+    database = Database()
+    build_database(llama, arch, problem, database, sequences(), batch_size=2, progress=False)
+    candidate = CandidateModel(llama, arch, problem, database)
+    candidate.apply({u.name: "2:4" for u in problem.space.units})
+    for unit in problem.space.units:
+        weight = arch.module(unit.name).weight
+        assert nm_mask_ok(weight, (2, 4)) and int((weight == 0).sum()) == weight.numel() // 2
+    candidate.restore()

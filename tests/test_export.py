@@ -16,9 +16,11 @@ from conftest import tiny_llama
 from evosearch.compression import CompressionSpace
 from evosearch.database.quantization import QuantFormat, QuantizedWeight, rtn_quantize
 from evosearch.errors import EvosearchError
-from evosearch.export import (ExportJob, export_model, load_exported, pack_quantized, quant_format, run_exporters,
-                              unit_bytes)
+from evosearch.export import ExportJob, export_model
 from evosearch.hardware import attach, base_bytes
+from evosearch.kinds import level_from_name
+from evosearch.layouts import pack_quantized
+from evosearch.runtime import load_exported
 from evosearch.units import architecture
 
 ROOT = Path(__file__).parent.parent
@@ -31,15 +33,14 @@ def inputs(vocab=128, seed=0):
 def drop_job(model, dropped: dict):
     """The drop space on ``model``, ``dropped`` units at "drop", applied to the weights as the search does."""
     arch = architecture(model)
-    problem = attach(CompressionSpace.load("drop").materialize_levels(arch), None)
+    problem = attach(CompressionSpace.load("drop").materialize(arch, None), None)
     assignment = {u.name: "drop" if u.name in dropped else "keep" for u in problem.space.units}
     with torch.no_grad():
         for unit in dropped:
             mu = problem.model_units[unit]
             linears = arch.attention_linears if mu.kind == "attention" else arch.mlp_linears
             arch.module(linears(mu.block)[1]).weight.zero_()
-    job = ExportJob(model, arch, problem, assignment)
-    run_exporters(job)
+    job = ExportJob.for_problem(model, problem, assignment)
     return job
 
 
@@ -77,13 +78,12 @@ def test_whole_blocks_dropped_give_a_plain_llama_with_fewer_layers(tmp_path):
     arch = architecture(model)
     problem = CompressionSpace.load("drop").model_copy(
         update={"compression": CompressionSpace.load("drop").compression.model_copy(update={"units": ["block"]})}
-    ).materialize_levels(arch)
+    ).materialize(arch, None)
     assignment = {u.name: "drop" if u.name == "model.layers.2" else "keep" for u in problem.space.units}
     with torch.no_grad():
         for name in arch.attention_linears(2)[1], arch.mlp_linears(2)[1]:
             arch.module(name).weight.zero_()
-    job = ExportJob(model, arch, problem, assignment)
-    run_exporters(job)
+    job = ExportJob.for_problem(model, problem, assignment)
     ids = inputs()
     export_model(job, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -128,9 +128,10 @@ def test_exported_bytes_are_what_the_bytes_budget_counted(tmp_path):
     model = tiny_llama(layers=3)
     job = drop_job(model, {"model.layers.0.mlp", "model.layers.2.self_attn"})
     report = export_model(job, tmp_path / "out")
-    planned = sum(job.problem.space.unit(u).resources["bytes"][job.problem.space.unit(u).levels.index(level)]
-                  for u, level in job.assignment.items())
-    assert planned + base_bytes(job.problem) == report.tensor_bytes
+    problem = attach(CompressionSpace.load("drop").materialize(job.arch, None), None)
+    planned = sum(problem.space.unit(u).resources["bytes"][problem.levels[u].index(level)]
+                  for u, level in job.levels.items())
+    assert planned + base_bytes(problem) == report.tensor_bytes
     on_disk = sum(p.stat().st_size for p in (tmp_path / "out").glob("*.safetensors"))
     assert 0 < on_disk - report.tensor_bytes < 20_000  # the safetensors header
 
@@ -144,7 +145,7 @@ def quantise(model, arch, blocks, formats=FORMATS):
     quantized = {}
     for b in blocks:
         for name in arch.linears(b):
-            fmt = quant_format(formats.get(name.rsplit(".", 1)[1], "bits=6,group=32"))
+            fmt = level_from_name(formats.get(name.rsplit(".", 1)[1], "bits=6,group=32")).fmt
             qw = rtn_quantize(arch.module(name).weight, fmt)
             with torch.no_grad():
                 arch.module(name).weight.copy_(qw.dequantize())
@@ -165,9 +166,9 @@ def test_packed_export_keeps_codes_and_loads_with_the_same_logits(tmp_path):
     assert type(layer).__name__ == "PackedLinear" and layer.weight_packed.dtype == torch.int32
     assert torch.equal(loaded(ids).logits, expected)
 
-    keys = {name: FORMATS.get(name.rsplit(".", 1)[1], "bits=6,group=32") for name in job.quantized}
+    names = {name: FORMATS.get(name.rsplit(".", 1)[1], "bits=6,group=32") for name in job.quantized}
     linears = [u for u in job.arch.units("linear") if not u.name.startswith("model.layers.1.mlp.")]
-    counted = sum(unit_bytes(job.arch, u, keys.get(u.name, "dense")) for u in linears)
+    counted = sum(level_from_name(names.get(u.name, "dense")).bytes(job.arch, u) for u in linears)
     rest = sum(p.numel() * p.element_size() for n, p in model.named_parameters()  # tied head counted once
                if not n.endswith("_proj.weight") and n != "model.layers.1.post_attention_layernorm.weight")
     assert counted + rest == report.tensor_bytes
@@ -236,8 +237,7 @@ def test_two_four_layers_are_flagged_and_stay_dense_on_cpu(tmp_path):
                 w = arch.module(name).weight
                 keep = w.abs().reshape(-1, 4).topk(2, dim=1).indices
                 w.mul_(torch.zeros_like(w.reshape(-1, 4)).scatter_(1, keep, 1.0).reshape(w.shape))
-    job = ExportJob(model, arch, problem, assignment)
-    run_exporters(job)
+    job = ExportJob.for_problem(model, problem, assignment)
     report = export_model(job, tmp_path / "out")
     assert report.record["semi_structured"] == sorted(n for n, level in assignment.items() if level == "2:4")
     loaded, _ = load_exported(tmp_path / "out", device="cpu")
@@ -260,7 +260,7 @@ def test_bad_exports_are_refused(tmp_path):
 
 KERNEL_CHECK = textwrap.dedent("""
     import torch
-    from evosearch.export import qkernel as q
+    from evosearch.kernels import quant as q
     torch.manual_seed(0)
     worst = {}
     for bits, group, N, K in [(4, 64, 70, 130), (3, None, 33, 100), (8, 32, 64, 64), (5, 48, 20, 100), (2, 16, 40, 64)]:
@@ -293,6 +293,7 @@ def test_dequant_matmul_kernel_matches_the_reference_under_the_triton_interprete
 def test_export_command_writes_a_search_folder_and_hardware_budgets_build_the_problem(tmp_path, capsys):
     from evosearch.cli import main
     from evosearch.pipeline import SearchSettings, search_problem
+    from evosearch.run import BudgetRecord, RunFolder, RunResult, SearchRecord
 
     model = tiny_llama(layers=4)
     arch = architecture(model)
@@ -307,8 +308,14 @@ def test_export_command_writes_a_search_folder_and_hardware_budgets_build_the_pr
     with torch.no_grad():
         arch.module("model.layers.2.mlp.down_proj").weight.zero_()
     model.save_pretrained(tmp_path / "run" / "model")
-    (tmp_path / "run" / "result.json").write_text(json.dumps({"settings": settings.model_dump(),
-                                                              "assignment": assignment}))
+    spec = CompressionSpace.load("drop")
+    RunFolder(tmp_path / "run").write_result(RunResult(
+        settings=settings, space={"units": len(problem.space.units)} | spec.model_dump(mode="json"),
+        budget=BudgetRecord(resource="bytes", label="max_total bytes", value=settings.budget,
+                            planned=problem.budget.usage(problem.space, assignment)),
+        assignment=assignment, levels=problem.typed(assignment), fitness={}, perplexity={},
+        parameters={"dense": 0, "kept": 0},
+        search=SearchRecord(sampler="evopress", evaluations=0, seconds=0.0, best_trial=0, study="s")))
     assert main(["export", str(tmp_path / "run")]) == 0
     assert "4 decoder blocks" in capsys.readouterr().out
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export-hf", trust_remote_code=True)

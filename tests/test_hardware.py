@@ -7,14 +7,16 @@ import statistics
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_opt
 from evosearch import search
 from evosearch.cli import parse_budget
 from evosearch.compression import CompressionSpace
 from evosearch.errors import EvosearchError
-from evosearch.export import ExportJob, export_model, load_exported, run_exporters
-from evosearch.hardware import (HardwareTable, Timer, Workload, attach, budget_for, latency_class, measure_model,
+from evosearch.export import ExportJob, export_model
+from evosearch.hardware import (HardwareTable, Timer, Workload, attach, budget_for, latency_classes, measure_model,
                                 profile)
+from evosearch.kinds import Width
+from evosearch.runtime import load_exported
 from evosearch.units import architecture
 
 WORKLOAD = Workload(batch=1, prompt=16, new_tokens=8)
@@ -39,11 +41,26 @@ def model():
     return tiny_llama(layers=6)
 
 
-def test_latency_classes_follow_what_an_export_runs():
-    assert [latency_class(k) for k in ("dense", "zeros=120", "4:8", "2:4", "drop", "bits=3,group=64")] == [
-        "dense", "dense", "dense", "2:4", "drop", "bits=3,group=64"]
+def test_latency_classes_follow_what_an_export_runs(model):
+    """A level's latency class is what its export runs, its whole format included."""
+    arch = architecture(model)
+    sparse = CompressionSpace.load("sparsity").model_copy(update={"compression": CompressionSpace.load(
+        "sparsity-2of4").compression.model_copy(update={"levels": [0.0, 0.5, "4:8", "2:4"]})})
+    kind = sparse.compression
+    problem = sparse.materialize(arch, 0.4)
+    unit = problem.space.units[0].name
+    assert [kind.latency_class(level).name for level in problem.levels[unit]] == ["dense", "dense", "dense", "2:4"]
+    quant = CompressionSpace.load("sparsity-quant")
+    quant = quant.model_copy(update={"compression": quant.compression.model_copy(
+        update={"group_size": 64, "symmetric": True})}).materialize(arch, 0.3)
+    classes = {quant.compression.latency_class(level).name for level in quant.levels[unit]}
+    assert classes == {f"bits={b},group=64,sym" for b in (2, 3, 4, 5, 6, 8)}  # pruned levels run packed, format kept
+    assert [c.name for c in latency_classes(("dense", "2:4", "bits=4", "bits=8,group=row"))] == [
+        "dense", "2:4", "bits=4", "bits=8,group=row"]
+    with pytest.raises(EvosearchError, match="not a level name"):
+        latency_classes(("heads=3",))
     with pytest.raises(EvosearchError, match="no latency model"):
-        latency_class("heads=3")
+        Width(kept=1, of="kv_heads").runtime_module(arch, arch.units("attention")[0], torch.device("cpu"))
 
 
 def test_budget_names_parse_and_bad_ones_fail():
@@ -55,8 +72,8 @@ def test_budget_names_parse_and_bad_ones_fail():
 
 def test_latency_budget_search_gives_an_export_whose_measured_latency_is_predicted(model, tmp_path, one_thread):
     timer = Timer(torch.device("cpu"), repeats=5, warmup=1)
-    table = profile(model, "cpu", WORKLOAD, classes=("dense", "2:4", "bits=4,group=32,sym"), timer=timer,
-                    progress=False)
+    table = profile(model, "cpu", WORKLOAD, classes=latency_classes(("dense", "2:4", "bits=4,group=32,sym")),
+                    timer=timer, progress=False)
     table = HardwareTable.load(table.save(tmp_path / "table.json"))
     arch = architecture(model)
     assert set(table.units) == {u.name for u in arch.units()}
@@ -64,7 +81,7 @@ def test_latency_budget_search_gives_an_export_whose_measured_latency_is_predict
     assert q["2:4"]["decode_ms"] == q["dense"]["decode_ms"]  # no semi-structured kernels on a CPU: dense speed
     assert q["bits=4,group=32,sym"]["bytes"] < q["dense"]["bytes"] / 6
 
-    problem = attach(CompressionSpace.load("drop").materialize_levels(arch), table)
+    problem = attach(CompressionSpace.load("drop").materialize(arch, None), table)
     dense = {u.name: "keep" for u in problem.space.units}
     rest = table.rest(problem, "decode_ms")
     limit = rest + 0.6 * (table.predict(problem, dense) - rest)  # 40% of the blocks' time must go
@@ -89,8 +106,7 @@ def test_latency_budget_search_gives_an_export_whose_measured_latency_is_predict
                 mu = problem.model_units[unit]
                 linears = arch.attention_linears if mu.kind == "attention" else arch.mlp_linears
                 arch.module(linears(mu.block)[1]).weight.zero_()
-    job = ExportJob(model, arch, problem, best)
-    run_exporters(job)
+    job = ExportJob.for_problem(model, problem, best)
     export_model(job, tmp_path / "out")
     exported, _ = load_exported(tmp_path / "out", device="cpu")
     # A busy shared CPU: the two models are timed in turns (the fastest repetitions of each turn), the turns'
@@ -103,3 +119,15 @@ def test_latency_budget_search_gives_an_export_whose_measured_latency_is_predict
             measured[name].append(measure_model(m, WORKLOAD, fastest)["decode_ms"])
     ratio = statistics.median(measured["export"]) / statistics.median(measured["dense"])
     assert 0.6 < ratio / (predicted / table.predict(problem, dense)) < 1.4, (measured, predicted)
+
+
+def test_profile_times_every_unit_of_an_opt_model():
+    """Norm names and positions come from the family table, so a model laid out like OPT profiles too."""
+    opt = tiny_opt(layers=2)
+    timer = Timer(torch.device("cpu"), repeats=1, warmup=0)
+    table = profile(opt, "cpu", WORKLOAD, classes=latency_classes(("dense", "bits=4,group=32,sym")), timer=timer,
+                    progress=False)
+    arch = architecture(opt)
+    assert set(table.units) == {u.name for u in arch.units()}
+    assert all(cost["decode_ms"] > 0 for unit in table.units.values() for cost in unit.values())
+    assert set(table.base) == {"block", "attention+mlp", "linear"}

@@ -21,9 +21,11 @@ from evosearch.database.quantization import GPTQ, QuantFormat, recover_grid, rtn
 from evosearch.database.sparsity import magnitude_prune
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import kl_divergence
-from evosearch.heal import (HealSettings, distillation_loss, heal, healing_windows, load_quantized,
-                            search_draws, value_bits)
-from evosearch.pipeline import SearchSettings, is_dropped, run_search
+from evosearch.heal import HealSettings, distillation_loss, heal, healing_windows, load_quantized, value_bits
+from evosearch.kinds import Quant, Sparse
+from evosearch.pipeline import SearchSettings, run_search
+from evosearch.run import RunFolder, default_draws
+from evosearch.testing import result_of
 from evosearch.units import architecture
 
 from conftest import tiny_llama
@@ -63,34 +65,35 @@ def make_result(path, dense_dir, compress, **overrides):
     model.save_pretrained(path / "model")
     shutil.copy(dense_dir / "tokenizer.json", path / "model")
     shutil.copy(dense_dir / "tokenizer_config.json", path / "model")
-    (path / "result.json").write_text(json.dumps({"settings": search_settings(dense_dir, **overrides).model_dump(),
-                                                  **record}))
+    RunFolder(path).write_result(result_of(search_settings(dense_dir, **overrides), **record))
     return path
 
 
 def prune(arch, sparsity=0.7):
+    levels = {}
     for unit in arch.units("linear"):
         weight = arch.module(unit.name).weight
         weight.copy_(magnitude_prune(weight, sparsity, None))
-    return {"assignment": {u.name: 0 for u in arch.units("linear")}}
+        levels[unit.name] = Sparse(zeros=round(sparsity * weight.numel()))
+    return {"levels": levels, "assignment": {u.name: 0 for u in arch.units("linear")}}
 
 
 def quantize(arch):
     """GPTQ 3-bit in groups of 32 everywhere; one layer pruned to 50% first, then rounded (0 stays 0)."""
-    formats = {}
+    levels = {}
     X = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
     for unit in arch.units("linear"):
         layer = arch.module(unit.name)
         if unit.name.endswith("layers.1.mlp.up_proj"):
             layer.weight.copy_(magnitude_prune(layer.weight, 0.5, None))
             layer.weight.copy_(rtn_quantize(layer.weight, FORMAT).dequantize())
-            formats[unit.name] = {"bits": 3, "group_size": 32, "symmetric": False, "zeros": layer.weight.numel() // 2}
+            levels[unit.name] = Quant(bits=3, group_size=32, zeros=layer.weight.numel() // 2)
             continue
         H = X[:, : layer.in_features].T @ X[:, : layer.in_features] / len(X) if layer.in_features == 64 else \
             torch.eye(layer.in_features)
         layer.weight.copy_(GPTQ(layer.weight, H).quantize(FORMAT).dequantize())
-        formats[unit.name] = {"bits": 3, "group_size": 32, "symmetric": False}
-    return {"assignment": {u.name: 3 for u in arch.units("linear")}, "formats": formats}
+        levels[unit.name] = Quant(bits=3, group_size=32)
+    return {"levels": levels, "assignment": {u.name: 3 for u in arch.units("linear")}}
 
 
 def quick(**overrides) -> HealSettings:
@@ -135,7 +138,7 @@ def test_a_pruned_weight_that_moves_is_caught_after_the_step(tmp_path, dense_dir
 
 
 def test_heal_keeps_bit_widths_and_writes_the_codes(tmp_path, dense_dir):
-    run = make_result(tmp_path, dense_dir, quantize)
+    run = make_result(tmp_path, dense_dir, quantize, space="quant", budget=3)
     section = heal(run, quick(lr=1e-3, scale_lr=1e-2), progress=False)
 
     assert section["quantization"]["on_grid"] == section["quantization"]["groups"]  # GPTQ's grids found exactly
@@ -143,15 +146,15 @@ def test_heal_keeps_bit_widths_and_writes_the_codes(tmp_path, dense_dir):
     assert section["loss"]["last"] < section["loss"]["first"]
     before, after = weights(run / "model"), weights(run / "healed")
     codes = load_quantized(run / "healed")
-    formats = json.loads((run / "result.json").read_text())["formats"]
-    assert set(codes) == set(formats)
-    for name, record in formats.items():
-        fmt = QuantFormat(record["bits"], record["group_size"], record["symmetric"])
+    levels = RunFolder(run).read_result().levels
+    assert set(codes) == set(levels)
+    for name, level in levels.items():
+        fmt = level.fmt
         W0, W1 = before[f"{name}.weight"], after[f"{name}.weight"]
         assert value_bits(W0, fmt) == value_bits(W1, fmt) == 3  # counted from the saved weights
         assert torch.equal(codes[name].dequantize(), W1)
         assert not torch.equal(W0, W1)
-        if record.get("zeros"):
+        if level.zeros:
             assert torch.equal(W1[W0 == 0], torch.zeros_like(W1[W0 == 0]))  # pruned and quantised: zeros kept
     assert all(section["checks"].values())
 
@@ -182,7 +185,8 @@ def test_dropped_units_of_a_real_search_stay_dropped(tmp_path, dense_dir, monkey
                         lambda self, n, length, seed=0: draws.append((n, length, seed)) or original(self, n, length, seed))
     settings = search_settings(dense_dir, space="drop", budget=0.5, database=str(tmp_path / "db"))
     report = run_search(settings, tmp_path / "run", progress=False)
-    assert sorted(draws) == sorted(search_draws(settings))  # healing avoids exactly what the search drew
+    recorded = RunFolder(tmp_path / "run").read_result().calibration_draws()
+    assert sorted(draws) == sorted((d.sequences, d.length, d.seed) for d in recorded.values())  # what heal avoids
 
     code = main(["heal", str(tmp_path / "run"), "--tokens", "768", "--batch-size", "2", "--lr", "3e-3",
                  "--device", "cpu", "--eval-corpus", "hamlet"])
@@ -190,16 +194,16 @@ def test_dropped_units_of_a_real_search_stay_dropped(tmp_path, dense_dir, monkey
     assert code == 0 and "perplexity hamlet" in printed and "dropped_units ok" in printed
     section = json.loads((tmp_path / "run" / "result.json").read_text())["heal"]
     # Measured before healing as the search measured them: the same model, text and KL.
-    assert section["kl"]["before"] == pytest.approx(report["fitness"]["kl"], rel=1e-4)
-    assert section["perplexity"]["brown"]["before"] == pytest.approx(report["perplexity"]["compressed"], rel=1e-4)
+    assert section["kl"]["before"] == pytest.approx(report.fitness["kl"], rel=1e-4)
+    assert section["perplexity"]["brown"]["before"] == pytest.approx(report.perplexity["compressed"], rel=1e-4)
     assert section["kl"]["after"] < section["kl"]["before"]
 
-    dropped = [u for u, level in report["assignment"].items() if level == "drop"]
+    dropped = [u for u, level in report.assignment.items() if level == "drop"]
     assert sorted(section["kept"]["dropped"]) == sorted(dropped) and len(dropped) == 2
     searched, healed = (AutoModelForCausalLM.from_pretrained(tmp_path / "run" / f) for f in ("model", "healed"))
     units = {u.name: u for u in architecture(healed).units(("attention", "mlp"))}
     for name, unit in units.items():
-        assert is_dropped(architecture(healed), unit) == (name in dropped)
+        assert architecture(healed).is_dropped(unit) == (name in dropped)
         same = [torch.equal(searched.get_submodule(lin).weight, healed.get_submodule(lin).weight)
                 for lin in unit.linears]
         assert all(same) if name in dropped else not any(same)
@@ -235,7 +239,7 @@ def test_an_interrupted_heal_resumes_to_the_weights_of_an_uninterrupted_one(tmp_
 
 
 def test_heal_refuses_bad_input(tmp_path, dense_dir):
-    with pytest.raises(EvosearchError, match="is not a search result"):
+    with pytest.raises(EvosearchError, match="is not a finished search"):
         heal(tmp_path, quick(), progress=False)
     run = make_result(tmp_path / "run", dense_dir, prune)
     with pytest.raises(EvosearchError, match="--eval-corpus brown is the search's corpus"):
@@ -245,30 +249,31 @@ def test_heal_refuses_bad_input(tmp_path, dense_dir):
         heal(run, quick(tokens=128), progress=False)
     assert heal(run, quick(tokens=128, seed=1), force=True, progress=False)["settings"]["seed"] == 1
 
-    bad = make_result(tmp_path / "bad", dense_dir, lambda arch: {"assignment": {},
-                                                                "formats": {"model.layers.0.q_proj": {"bits": 3}}})
-    with pytest.raises(EvosearchError, match="formats: model.layers.0.q_proj is not a linear layer"):
+    bad = make_result(tmp_path / "bad", dense_dir, lambda arch: {"levels": {"model.layers.0.q_proj": Quant(bits=3)}},
+                      space="quant", budget=3)
+    with pytest.raises(EvosearchError, match=r"names units the model does not have \(model.layers.0.q_proj"):
         heal(bad, quick(), progress=False)
-    bad = make_result(tmp_path / "bits", dense_dir, lambda arch: {
-        "assignment": {}, "formats": {"model.layers.0.self_attn.q_proj": {"bits": 9}}})
-    with pytest.raises(EvosearchError, match=r"formats.model.layers.0.self_attn.q_proj.bits"):
+    result = json.loads((bad / "result.json").read_text())
+    result["levels"] = {"model.layers.0.self_attn.q_proj": {"type": "quant", "bits": 9}}
+    (bad / "result.json").write_text(json.dumps(result))
+    with pytest.raises(EvosearchError, match=r"result.json: levels: model.layers.0.self_attn.q_proj.bits: Input should be less than or equal to 8"):
         heal(bad, quick(), progress=False)
 
 
 def test_healing_windows_avoid_every_token_the_search_drew_at_any_length(dense_dir):
     corpus = Corpus("counting", np.arange(20_000, dtype=np.int32))
     settings = search_settings(dense_dir, sequence_length=256, calibration_sequences=12, fidelities=[256, 2048])
-    used = set()
-    for n, length, seed in search_draws(settings):
-        used |= {int(t) for window in corpus.calibration_sequences(n, length, seed) for t in window}
+    used, draws = set(), default_draws(settings)
+    for d in draws.values():
+        used |= {int(t) for window in corpus.calibration_sequences(d.sequences, d.length, d.seed) for t in window}
     for length in (64, 256, 1000):
-        free = healing_windows(corpus, settings, length)
+        free = healing_windows(corpus, draws, length)
         taken = {int(t) for start in free for t in corpus.calibration[start : start + length]}
         assert not taken & used
         slots = len(corpus.calibration) // length  # every other whole window is free
         assert len(free) == sum(not used & set(corpus.calibration[i * length : (i + 1) * length].tolist())
                                 for i in range(slots))
-    free = healing_windows(corpus, settings, 64)
+    free = healing_windows(corpus, draws, 64)
     order = heal_module._order(free, 2 * len(free) + 3, seed=0)  # passes over the free windows, reshuffled
     assert sorted(order[: len(free)]) == sorted(order[len(free) : 2 * len(free)]) == sorted(free)
     assert not np.array_equal(order[: len(free)], order[len(free) : 2 * len(free)])
@@ -303,7 +308,7 @@ def test_healing_the_packaged_model_lowers_its_perplexity(tmp_path):
     tokenizer.save_pretrained(tmp_path / "model")
     settings = SearchSettings(space="sparsity", budget=0.5, sequence_length=128, calibration_sequences=4,
                               fidelities=[256], eval_tokens=1024)
-    (tmp_path / "result.json").write_text(json.dumps({"settings": settings.model_dump(), **record}))
+    RunFolder(tmp_path).write_result(result_of(settings, **record))
     section = heal(tmp_path, HealSettings(tokens=128 * 2 * 4, batch_size=2, lr=1e-4, device="cpu"), progress=False)
 
     brown = section["perplexity"]["brown"]

@@ -34,9 +34,9 @@ def test_sparsity_search_end_to_end(tmp_path, tiny_model_dir):
     report = run_search(settings, out, progress=False)
 
     saved = json.loads((out / "result.json").read_text())
-    assert saved["assignment"] == report["assignment"]
+    assert saved["assignment"] == report.assignment
     assert saved["budget"]["measured"] == pytest.approx(0.5, abs=1e-3)
-    assert report["fitness"]["kl"] <= report["baselines"]["uniform"]["kl"] + 1e-6  # the search keeps the best
+    assert report.fitness["kl"] <= report.baselines["uniform"].kl + 1e-6  # the search keeps the best
     assert saved["settings"] == settings.model_dump()
 
     # The saved model: within budget counted from its weights, and the same function as the candidate.
@@ -45,23 +45,23 @@ def test_sparsity_search_end_to_end(tmp_path, tiny_model_dir):
     model, _ = load_model(tiny_model_dir, device="cpu")
     arch = architecture(model)
     problem = CompressionSpace.load("sparsity").materialize(arch, 0.5)
-    CandidateModel(model, arch, problem, Database(tmp_path / "db")).apply(report["assignment"])
+    CandidateModel(model, arch, problem, Database(tmp_path / "db")).apply(report.assignment)
     ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.allclose(reloaded(ids).logits, model(ids).logits, atol=1e-5)
 
     # Resume replays the study: same answer, no new evaluation.
     again = run_search(settings, out, resume=True, progress=False)
-    assert again["assignment"] == report["assignment"]
-    assert again["search"]["evaluations"] == report["search"]["evaluations"]
+    assert again.assignment == report.assignment
+    assert again.search.evaluations == report.search.evaluations
 
 
 def test_drop_search_reports_shortgpt_and_drops_exactly(tmp_path, tiny_model_dir):
     settings = tiny_settings(tiny_model_dir, tmp_path / "db", space="drop", budget=0.25)
     report = run_search(settings, tmp_path / "run", progress=False)
-    assert report["budget"]["measured"] == 1  # a quarter of 2 blocks x (attention, MLP)
-    assert list(report["assignment"].values()).count("drop") == 1
-    assert list(report["baselines"]["shortgpt"]["assignment"].values()).count("drop") == 1
+    assert report.budget.measured == 1  # a quarter of 2 blocks x (attention, MLP)
+    assert list(report.assignment.values()).count("drop") == 1
+    assert list(report.baselines["shortgpt"].assignment.values()).count("drop") == 1
 
 
 def test_output_folder_is_never_overwritten_by_accident(tmp_path, tiny_model_dir):
@@ -84,7 +84,7 @@ def test_search_cli_bad_input(tmp_path, capsys, tiny_model_dir):
     typo = tmp_path / "typo.yaml"
     typo.write_text("compression: {kind: sparsity, method: sparsegtp}\nbudget: {resource: sparsity}\n")
     code, err = run_cli(capsys, "search", str(typo), "--budget", "0.5", "--out", str(tmp_path / "b"), *model)
-    assert code == 2 and "compression.sparsity.method" in err[-1]
+    assert code == 2 and "compression.method" in err[-1]
     code, err = run_cli(capsys, "search", "sparsity", "--budget", "0.5", "--fidelities", "64,x",
                         "--out", str(tmp_path / "c"), *model)
     assert code == 2 and "--fidelities" in err[-1]
@@ -104,15 +104,16 @@ def test_short_search_on_the_packaged_model(tmp_path):
                               sequence_length=128, calibration_sequences=4, fidelities=[128, 256], eval_tokens=1024,
                               database=str(tmp_path / "db"))
     report = run_search(settings, tmp_path / "run", progress=False)
-    assert report["budget"]["measured"] == pytest.approx(0.5, abs=0.001)
-    assert 25 < report["perplexity"]["dense"] < 40
-    assert report["perplexity"]["dense"] < report["perplexity"]["compressed"] < 200
+    assert report.budget.measured == pytest.approx(0.5, abs=0.001)
+    assert 25 < report.perplexity["dense"] < 40
+    assert report.perplexity["dense"] < report.perplexity["compressed"] < 200
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     assert searched_sparsity(reloaded, architecture(reloaded)) == pytest.approx(0.5, abs=0.001)
 
 
 def test_width_search_exports_the_sub_network_it_reports(tmp_path, tiny_model_dir):
-    from evosearch.export import export_result, load_exported
+    from evosearch.export import export_result
+    from evosearch.runtime import load_exported
 
     space = tmp_path / "width.yaml"
     space.write_text("name: width-test\ncompression: {kind: width, granularity: 32, min_keep: 0.0, "
@@ -120,13 +121,13 @@ def test_width_search_exports_the_sub_network_it_reports(tmp_path, tiny_model_di
                      "baselines: [uniform]\n")
     settings = tiny_settings(tiny_model_dir, tmp_path / "db", space=str(space), budget=0.6)
     report = run_search(settings, tmp_path / "run", progress=False)
-    assert report["budget"]["measured"] <= 0.6 + 1e-9
-    assert report["budget"]["measured"] == pytest.approx(report["budget"]["planned"], abs=1e-9)
-    assert report["reformation"]["kl_after"] <= report["reformation"]["kl_before"]
+    assert report.budget.measured <= 0.6 + 1e-9
+    assert report.budget.measured == pytest.approx(report.budget.planned, abs=1e-9)
+    assert report.reformation["kl_after"] <= report.reformation["kl_before"]
 
     exported = export_result(tmp_path / "run", tmp_path / "export")
     searched = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
-    pruned = report["parameters"]["dense"] - report["parameters"]["kept"]
+    pruned = report.parameters["dense"] - report.parameters["kept"]
     removed_norms = searched.config.hidden_size * sum(
         len(o.get("skip", [])) for o in exported.record["blocks"]["overrides"])
     assert exported.parameters == searched.num_parameters() - pruned - removed_norms
@@ -137,14 +138,14 @@ def test_width_search_exports_the_sub_network_it_reports(tmp_path, tiny_model_di
 
 
 def test_a_search_folder_keeps_its_study_in_a_journal_file_or_an_earlier_study_db(tmp_path):
-    from evosearch.pipeline import default_storage
     from evosearch.report import _study_file
+    from evosearch.run import RunFolder
 
     new, old = tmp_path / "new", tmp_path / "old"
     new.mkdir(), old.mkdir()
     (old / "study.db").touch()  # a search started before the journal file: resumed where it is
-    assert default_storage(new) == str(new.resolve() / "study.journal")
-    assert default_storage(old) == f"sqlite:///{old.resolve() / 'study.db'}"
+    assert RunFolder(new).study_storage() == str(new.resolve() / "study.journal")
+    assert RunFolder(old).study_storage() == f"sqlite:///{old.resolve() / 'study.db'}"
     assert _study_file(new) is None
     (new / "study.journal").touch()
-    assert _study_file(new) == default_storage(new) and _study_file(old) == default_storage(old)
+    assert _study_file(new) == RunFolder(new).study_storage() and _study_file(old) == RunFolder(old).study_storage()

@@ -9,18 +9,19 @@ import torch
 import yaml
 
 from evosearch.candidate import CandidateModel
-from evosearch.compression import CompressionSpace, parse_quant_key
+from evosearch.compression import CompressionSpace
 from evosearch.database.build import build_database
 from evosearch.database.hessian import Hessian, layer_error
-from evosearch.database.quantization import (GPTQ, QuantFormat, QuantizedWeight, distinct_per_group, packed_bytes,
-                                             rtn_quantize)
+from evosearch.database.quantization import GPTQ, QuantFormat, QuantizedWeight, distinct_per_group, rtn_quantize
 from evosearch.database.sparsity import magnitude_prune
 from evosearch.database.store import Database
 from evosearch.engine import search
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher
 from evosearch.fitness import KLFitness
-from evosearch.pipeline import SearchSettings, _open_database, measured_usage, quantized_usage
+from evosearch.kinds import Quant
+from evosearch.layouts import packed_bytes
+from evosearch.pipeline import SearchSettings, open_database
 from evosearch.units import architecture
 from layer_data import layer  # noqa: F401 (fixture)
 
@@ -70,14 +71,16 @@ def test_packed_bytes_by_hand():
 def test_bytes_budgets_count_quant_levels_as_their_space_does(llama, name, options, budget):
     """`--budget bytes=...` (hardware.attach) and the space's own byte count agree, for any group size
     and for pruned levels: both are packed_bytes of the layout export writes."""
-    from evosearch.hardware import attach, latency_class
+    from evosearch.hardware import attach
 
     problem = space(name, **options).materialize(architecture(llama), budget)
     own = {u.name: u.resources["bytes"] for u in problem.space.units}
     attached = attach(problem, None)
     assert {u.name: u.resources["bytes"] for u in attached.space.units} == own
-    pruned = [k for keys in problem.keys.values() for k in keys if k.startswith("zeros=")]
-    assert all(latency_class(k) == k.split(",")[1] for k in pruned)  # they run as their packed format
+    pruned = [level for levels in problem.levels.values() for level in levels if level.zeros]
+    assert bool(pruned) == (name == "sparsity-quant")
+    assert all(problem.compression.latency_class(level) == level.model_copy(update={"zeros": 0})
+                          for level in pruned)  # they run as their packed format
 
 
 def test_distinct_per_group_counts_values_in_each_group():
@@ -91,7 +94,7 @@ def test_quant_levels_groups_and_budget(llama):
     sp, budget = problem.space, problem.budget
     assert budget.label == "max_average bits" and budget.target == 3.5
     unit = sp.units[0]
-    assert unit.levels == [6, 5, 4, 3, 2] and problem.keys[unit.name] == [f"bits={b}" for b in unit.levels]
+    assert unit.levels == [6, 5, 4, 3, 2] and problem.levels[unit.name] == [Quant(bits=b) for b in unit.levels]
     assert {u.group for u in sp.units} == {"64x64", "32x64", "128x64", "64x128"}
     fmt = problem.spec.compression.format(3)
     assert unit.resources["bytes"][3] == packed_bytes((64, 64), fmt)
@@ -112,8 +115,8 @@ def test_joint_levels_drop_pairs_whose_bitmask_saves_nothing(llama):
     fractions = unit.resources["fp16_fraction"]
     assert fractions == sorted(fractions, reverse=True)  # most bytes first
     i, half = unit.levels.index("50%@4bit"), 64 * 64 // 2
-    assert problem.keys[unit.name][i] == f"zeros={half},bits=4"
-    assert parse_quant_key(problem.keys[unit.name][i]) == (half, 4)
+    assert problem.levels[unit.name][i] == Quant(bits=4, zeros=half) and problem.levels[unit.name][i].key == \
+        f"zeros={half},bits=4"
     assert unit.resources["bytes"][i] == packed_bytes((64, 64), QuantFormat(4, 128), half)
     assert problem.budget.label == "max_average fp16_fraction"
 
@@ -148,14 +151,15 @@ def test_quant_database_levels_are_exact_and_swaps_are_reversible(request, fixtu
         else:  # the database holds exactly what the layer-wise algorithm makes of the builder's Hessian
             expected = GPTQ(W, H, act_order=comp.act_order).quantize(comp.format(bits))
         assert torch.equal(W_hat, expected.dequantize())
-        assert quantized_usage(arch, problem, candidate.current)["bits"] == bits
+        assert comp.measure(arch, problem, candidate.levels())["bits"] == bits
     candidate.restore()
     assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())  # bit-identical
 
 
 @pytest.mark.parametrize("name", ["quant", "sparsity-quant"])
 def test_a_searched_bit_width_assignment_exports_packed_and_loads_with_the_same_logits(llama, tmp_path, name):
-    from evosearch.export import ExportJob, export_model, load_exported, run_exporters
+    from evosearch.export import ExportJob, export_model
+    from evosearch.runtime import load_exported
 
     arch = architecture(llama)
     spec = space(name, method="rtn", group_size=16, bits=[3, 4])
@@ -166,12 +170,11 @@ def test_a_searched_bit_width_assignment_exports_packed_and_loads_with_the_same_
     assignment = {u.name: u.levels[int(rng.integers(len(u.levels)))] for u in problem.space.units}
     candidate = CandidateModel(llama, arch, problem, database)
     candidate.apply(assignment)
-    job = ExportJob(llama, arch, problem, assignment)
-    run_exporters(job)
+    job = ExportJob.for_problem(llama, problem, assignment)
     assert set(job.quantized) == set(problem.model_units)  # every searched layer is packed, none re-rounded
     report = export_model(job, tmp_path / "packed", format="packed")
     assert {name: spec["bits"] for name, spec in report.record["packed"].items()} == {
-        unit: parse_quant_key(problem.key(unit, level))[1] for unit, level in assignment.items()}
+        unit: problem.level(unit, level).bits for unit, level in assignment.items()}
     loaded, _ = load_exported(tmp_path / "packed", device="cpu")
     ids = sequences(2, 24, seed=4)
     with torch.no_grad():
@@ -190,14 +193,14 @@ def test_measured_usage_checks_the_weights_against_the_applied_format(llama):
     if problem.budget.usage(problem.space, mixed) > 4:
         mixed = {u.name: 4 for u in units}
     candidate.apply(mixed)
-    counted = quantized_usage(arch, problem, candidate.current)
+    kind = problem.compression
+    counted = kind.measure(arch, problem, candidate.levels())
     assert counted["bits"] == pytest.approx(problem.budget.usage(problem.space, mixed), abs=1e-12)
     assert counted["bytes"] == sum(u.resources["bytes"][u.levels.index(mixed[u.name])] for u in units)
-    assert measured_usage(llama, arch, problem, candidate.current) == counted["bits"]
-    lie = dict(candidate.current, **{units[0].name: "bits=2"})  # the layer holds 8 bits
+    lie = dict(candidate.levels(), **{units[0].name: Quant(bits=2, group_size=16)})  # the layer holds 8 bits
     candidate.apply({**mixed, units[0].name: 8})
     with pytest.raises(RuntimeError, match="distinct values in one group: not the applied 2-bit format"):
-        quantized_usage(arch, problem, lie)
+        kind.measure(arch, problem, lie)
 
 
 def test_gptq_with_a_fixed_mask_keeps_zeros_and_beats_rounding_the_pruned_weight(layer):
@@ -227,13 +230,13 @@ def test_joint_database_keeps_the_zeros(llama, pruning, method):
     for level in problem.space.units[0].levels:
         candidate.apply({u.name: level for u in problem.space.units})
         for unit in problem.space.units:
-            zeros, bits = parse_quant_key(problem.key(unit.name, level))
+            zeros, bits = problem.level(unit.name, level).zeros, problem.level(unit.name, level).bits
             W_hat = arch.module(unit.name).weight
             assert int((W_hat == 0).sum()) >= zeros
             assert int(distinct_per_group(W_hat, 16).max()) <= 2**bits
             if pruning == "magnitude" and zeros:  # the mask is known without the Hessian
                 assert (W_hat[magnitude_prune(dense[f"{unit.name}.weight"], 0.5) == 0] == 0).all()
-        counted = quantized_usage(arch, problem, candidate.current)
+        counted = problem.compression.measure(arch, problem, candidate.levels())
         planned = problem.space.usage({u.name: level for u in problem.space.units}, problem.budget)
         assert counted["fp16_fraction"] <= planned + 1e-12  # rounding may zero more weights, never fewer
     candidate.restore()
@@ -266,7 +269,7 @@ def test_ready_quant_spaces_load_and_validate(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"compression": {"kind": "quantization", "bits": [1, 4]},
                                    "budget": {"resource": "bits", "form": "max_average"}}))
-    with pytest.raises(EvosearchError, match="compression.quantization.bits: .*from 2 to 8"):
+    with pytest.raises(EvosearchError, match="compression.bits: .*from 2 to 8"):
         CompressionSpace.load(bad)
     bad.write_text(json.dumps({"compression": {"kind": "sparsity-quant", "sparsity": [0.5, 1.0]},
                                "budget": {"resource": "fp16_fraction", "form": "max_average"}}))
@@ -278,16 +281,16 @@ def test_database_identity_holds_the_format(tmp_path, llama):
     arch = architecture(llama)
     corpus = SimpleNamespace(calibration=np.arange(10))
     settings = SearchSettings(space="quant", budget=3, database=str(tmp_path))
-    _open_database(settings, space("quant").materialize(arch, 3), "model", corpus)
-    _open_database(settings, space("quant", bits=[2, 3]).materialize(arch, 3), "model", corpus)  # keys hold bits
+    open_database(settings, space("quant").materialize(arch, 3), "model", corpus)
+    open_database(settings, space("quant", bits=[2, 3]).materialize(arch, 3), "model", corpus)  # keys hold bits
     for change in ({"group_size": 64}, {"symmetric": True}, {"act_order": True}, {"method": "rtn"}):
         with pytest.raises(EvosearchError, match="built for another model, method or calibration"):
-            _open_database(settings, space("quant", **change).materialize(arch, 3), "model", corpus)
+            open_database(settings, space("quant", **change).materialize(arch, 3), "model", corpus)
     joint = SearchSettings(space="sparsity-quant", budget=0.3, database=str(tmp_path / "joint"))
-    _open_database(joint, space("sparsity-quant").materialize(arch, 0.3), "model", corpus)
-    _open_database(joint, space("sparsity-quant", sparsity=[0.0, 0.7]).materialize(arch, 0.3), "model", corpus)
+    open_database(joint, space("sparsity-quant").materialize(arch, 0.3), "model", corpus)
+    open_database(joint, space("sparsity-quant", sparsity=[0.0, 0.7]).materialize(arch, 0.3), "model", corpus)
     with pytest.raises(EvosearchError, match="built for another model, method or calibration"):
-        _open_database(joint, space("sparsity-quant", pruning="wanda").materialize(arch, 0.3), "model", corpus)
+        open_database(joint, space("sparsity-quant", pruning="wanda").materialize(arch, 0.3), "model", corpus)
 
 
 @pytest.mark.real
@@ -304,6 +307,10 @@ def test_quant_search_end_to_end_on_the_packaged_model(real, tmp_path, capsys):
                  "--eval-tokens", "1024", "--database", str(tmp_path / "db"), "--out", str(out)]) == 0
     assert "bits per weight on average" in capsys.readouterr().out
     report = json.loads((out / "result.json").read_text())
+    from evosearch.heal import what_to_keep
+    from evosearch.run import RunResult
+
+    result = RunResult.load(out / "result.json")
     budget, uniform = report["budget"], report["baselines"]["uniform"]
     assert budget["label"] == "max_average bits"
     assert budget["measured"] == pytest.approx(budget["planned"])
@@ -317,16 +324,16 @@ def test_quant_search_end_to_end_on_the_packaged_model(real, tmp_path, capsys):
     formats = report["formats"]
     assert {name: f["bits"] for name, f in formats.items()} == report["assignment"]
     assert all(f["group_size"] == 128 and f["zeros"] == 0 for f in formats.values())
-    from evosearch.heal import _format_records
-
-    assert set(_format_records(report, architecture(real[0]))) == set(formats)  # heal accepts every record
+    assert set(what_to_keep(result, architecture(real[0])).formats) == set(formats)  # heal keeps every format
 
 
 def test_joint_export_writes_what_packed_bytes_counts_and_bitmask_layers_reload_exactly(llama, tmp_path):
     from safetensors.torch import load_file
 
-    from evosearch.export import ExportJob, expand_bitmask, export_model, load_exported, run_exporters, unpack_mask
+    from evosearch.export import ExportJob, export_model
     from evosearch.kernels.quant import pack
+    from evosearch.layouts import expand_bitmask, unpack_mask
+    from evosearch.runtime import load_exported
 
     arch = architecture(llama)
     problem = space("sparsity-quant", pruning="magnitude", method="rtn", group_size=16, sparsity=[0.0, 0.5],
@@ -342,8 +349,7 @@ def test_joint_export_writes_what_packed_bytes_counts_and_bitmask_layers_reload_
     ids = sequences(2, 24, seed=4)
     with torch.no_grad():
         expected = llama(ids).logits
-    job = ExportJob(llama, arch, problem, assignment)
-    run_exporters(job)
+    job = ExportJob.for_problem(llama, problem, assignment)
     sparse = {u.name for u in units if assignment[u.name].startswith("50%")}
     assert set(job.quantized) == set(problem.model_units) and set(job.bitmask) == sparse
     report = export_model(job, tmp_path / "packed", format="packed")
@@ -359,7 +365,7 @@ def test_joint_export_writes_what_packed_bytes_counts_and_bitmask_layers_reload_
         W, level = arch.module(unit.name).weight, unit.levels.index(assignment[unit.name])
         local = {k.removeprefix(f"{unit.name}."): v for k, v in tensors.items() if k.startswith(f"{unit.name}.")}
         written = sum(t.numel() * t.element_size() for t in local.values())
-        fmt = comp.format(parse_quant_key(problem.keys[unit.name][level])[1])
+        fmt = problem.levels[unit.name][level].fmt
         kept = int(torch.count_nonzero(W))
         assert written == packed_bytes(tuple(W.shape), fmt, kept)  # exactly what the mask written costs
         assert written <= unit.resources["bytes"][level]  # the budget's count is an upper bound (any mask) ...
@@ -371,7 +377,7 @@ def test_joint_export_writes_what_packed_bytes_counts_and_bitmask_layers_reload_
             assert torch.equal(unpack_mask(local["weight_mask"], W.shape[1]), W.cpu() != 0)
             assert torch.equal(expand_bitmask(local, fmt), pack(qw.codes, fmt.bits))
     rest = sum(p.numel() * p.element_size() for n, p in llama.named_parameters() if not n.endswith("_proj.weight"))
-    assert report.tensor_bytes == quantized_usage(arch, problem, candidate.current)["bytes"] + rest
+    assert report.tensor_bytes == comp.measure(arch, problem, candidate.levels())["bytes"] + rest
 
     record, config = report.record, json.loads((tmp_path / "packed" / "config.json").read_text())
     assert record["bitmask"] == sorted(sparse) and set(record["packed"]) == set(problem.model_units)
@@ -390,8 +396,8 @@ def test_joint_export_writes_what_packed_bytes_counts_and_bitmask_layers_reload_
 
 def test_the_bitmask_layout_keeps_a_kept_weight_at_its_zero_point():
     """A mask may keep weights whose code is the zero point (a pruning mask does): they round-trip too."""
-    from evosearch.export import expand_bitmask, pack_quantized
     from evosearch.kernels.quant import pack
+    from evosearch.layouts import expand_bitmask, pack_quantized
 
     fmt = QuantFormat(3, 4)
     codes = torch.randint(0, 8, (3, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

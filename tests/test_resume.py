@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(
     """
     import json, logging, os, signal, sys
     from evosearch import search
+    from evosearch.engine import FunctionFitness
     from evosearch.testing import evopress_shaped
 
     storage, log, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
@@ -35,9 +36,8 @@ SCRIPT = textwrap.dedent(
             os.kill(os.getpid(), getattr(signal, kill_with))
         return problem.fitness(assignment) * (1 + (hash(json.dumps(assignment, sort_keys=True)) % 97) / (97 * fidelity))
 
-    fitness.fidelities = [1, 8]
     options = {"offspring": 10, "generations": 12, "stages": [(1, 3), (8, 1)]}
-    result = search(problem.space, fitness, problem.budget, seed=3, storage=storage or None,
+    result = search(problem.space, FunctionFitness(fitness, fidelities=[1, 8]), problem.budget, seed=3, storage=storage or None,
                     study_name="resume-test", resume=resume, sampler_options=options, progress=False)
     print(json.dumps({"best": result.best.assignment, "value": result.best.value, "n": result.n_evaluations}))
     """

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from evosearch import Budget, EvosearchError, SearchResult, Space, Unit, search
+from evosearch.engine import FunctionFitness
 from evosearch.samplers import SAMPLERS, Sampler, register
 from evosearch.testing import evopress_shaped, interacting_drop, knapsack, linear_drop
 
@@ -140,9 +141,8 @@ def test_evopress_multi_fidelity_maps_onto_trial_states():
         noise = (hash(tuple(problem.space.indices(assignment))) % 1000) / 1000
         return problem.fitness(assignment) + noise / fidelity
 
-    fitness.fidelities = [1, 10, 100]
     options = {"offspring": 12, "generations": 6, "stages": [(1, 4), (10, 2), (100, 1)]}
-    result = search(problem.space, fitness, problem.budget, sampler_options=options, progress=False)
+    result = search(problem.space, FunctionFitness(fitness, fidelities=[1, 10, 100]), problem.budget, sampler_options=options, progress=False)
     states = {t.state for t in result.trials}
     assert states == {"PRUNED", "COMPLETE"}
     assert result.n_evaluations == len(calls)

@@ -10,13 +10,17 @@ import torch
 
 from evosearch import subnetwork
 from evosearch.candidate import CandidateModel
-from evosearch.compression import BudgetSpec, CompressionSpace, Reformation
-from evosearch.database.build import _hessian_hooks, build_database, capture_block_inputs, run_block
+from evosearch.compression import CompressionSpace
+from evosearch.kinds import Dense, Drop, Width
+from evosearch.kinds.base import Reformation
+from evosearch.problem import BudgetSpec
+from evosearch.blocks import capture_block_inputs, run_block
+from evosearch.database.build import _hessian_hooks, build_database
 from evosearch.database.hessian import layer_error
 from evosearch.database.store import Database
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher
-from evosearch.export import ExportJob, export_model, run_exporters
+from evosearch.export import ExportJob, export_model
 from evosearch.fitness import KLFitness
 from evosearch.space import Feasibility
 from evosearch.units import architecture, count_parameters
@@ -70,13 +74,13 @@ def test_levels_start_at_the_uniform_width_and_switches_keep_parameters_exact(sm
     assert sorted(u.levels for u in attention) == [[-1, 0, 1], [0, 1, 2]]
     assert len(mlp[0].levels) == 24 - 6 + 1  # 1536 channels in steps of 64, down to a quarter
     # uniform: every block within one step of the others
-    kept = [problem.key(u.name, 0) for u in mlp]
+    kept = [problem.level(u.name, 0) for u in mlp]
     assert len(set(kept)) <= 2
     # a level switch between two blocks of one kind keeps the parameter count exactly
     a, b = mlp[0].name, mlp[1].name
     switched = dict(uniform, **{a: 1, b: -1})
     assert space.usage(switched, "params") == space.usage(uniform, "params")
-    assert problem.key(a, 1) == f"channels={int(problem.key(a, 0).split('=')[1]) - 64}"
+    assert problem.level(a, 1) == Width(kept=problem.level(a, 0).kept - 64, of="channels")
 
 
 def test_starts_trade_attention_for_mlp_and_evopress_starts_from_the_best(smollm_shaped):
@@ -124,8 +128,8 @@ def test_masks_are_nested_importance_orders_and_parameters_match_the_plan(reques
         assert subnetwork.kept_parameters(arch, units) == planned  # counted from the weights
         for mu in units:
             kept = subnetwork.kept_groups(arch, mu)
-            key = problem.key(mu.name, assignment[mu.name])
-            count = {"dense": len(kept), "drop": 0}[key] if key in ("dense", "drop") else int(key.split("=")[1])
+            level = problem.level(mu.name, assignment[mu.name])
+            count = len(kept) if level == Dense() else 0 if level == Drop() else level.kept
             assert int(kept.sum()) == count
             lay = subnetwork.layout(arch, mu)
             for name in lay.inputs:  # dead rows are zero too, so nothing non-zero is left unexported
@@ -194,17 +198,16 @@ def test_reformed_fitness_scores_the_closed_form_levels(llama):
     fitness = KLFitness(candidate, teacher)
     uniform = {u.name: 0 for u in problem.space.units}
     reformed = fitness(uniform)
-    candidate.reformed_levels = False
-    candidate.mark_changed(problem.model_units)
+    candidate.end_search()  # from here on the levels are masks (the final sub-network is reformed afterwards)
     assert reformed < 0.85 * fitness(uniform)
-    candidate.reformed_levels = True
+    candidate.searching = True
     candidate.mark_changed(problem.model_units)
     fitness(uniform)
-    narrowed = [mu for mu in problem.model_units.values() if problem.key(mu.name, 0) not in ("dense", "drop")]
+    narrowed = [mu for mu in problem.model_units.values() if isinstance(problem.level(mu.name, 0), Width)]
     assert narrowed
     for mu in narrowed:
         output = subnetwork.layout(arch, mu).output
-        stored = candidate.database.get(mu.name, problem.key(mu.name, 0))[f"{output}.weight"]
+        stored = candidate.database.get(mu.name, problem.level(mu.name, 0).key)[f"{output}.weight"]
         assert torch.equal(arch.module(output).weight, stored)
 
 
@@ -213,8 +216,8 @@ def export_width(model, problem, folder):
     import copy
 
     exported = copy.deepcopy(model)
-    job = ExportJob(exported, architecture(exported), problem)
-    run_exporters(job)
+    job = ExportJob(exported, architecture(exported), problem.compression, {u: Dense() for u in problem.model_units})
+    job.kind.export(job)  # widths are read from the weights
     return export_model(job, folder)
 
 
@@ -314,7 +317,7 @@ def test_sparsity_database_can_reform_each_pruned_layer(llama, tmp_path):
         problem = spec.materialize(arch, 0.5)
         database = Database()
         build_database(llama, arch, problem, database, ids, batch_size=4, progress=False)
-        weights[name] = {u: database.get(u, problem.key(u, 0.5))[f"{u}.weight"] for u in problem.keys}
+        weights[name] = {u: database.get(u, problem.level(u, 0.5).key)[f"{u}.weight"] for u in problem.model_units}
     hooks = _hessian_hooks(arch, 0)  # block 0 sees the same inputs whatever the database
     handles = [arch.module(n).register_forward_hook(h) for n, h in hooks["hooks"].items()]
     with torch.no_grad():
@@ -351,9 +354,9 @@ def test_real_sub_network_reforms_and_exports(real, brown, tmp_path):
     narrowed = {"model.layers.0.self_attn", "model.layers.0.mlp", "model.layers.1.self_attn", "model.layers.1.mlp"}
     assignment = {}
     for unit in problem.space.units:
-        keys = problem.keys[unit.name]
+        names = [level.name for level in problem.levels[unit.name]]
         keep = ("kv_heads=2" if "self_attn" in unit.name else "channels=1024") if unit.name in narrowed else "dense"
-        assignment[unit.name] = unit.levels[keys.index(keep)]
+        assignment[unit.name] = unit.levels[names.index(keep)]
     try:
         candidate.apply(assignment)
         masked_kl = teacher.kl(model)

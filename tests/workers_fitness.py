@@ -9,6 +9,7 @@ slow synthetic fitness, which also logs every call to a file and can misbehave o
 import os
 import signal
 
+from evosearch.engine import FunctionFitness
 from evosearch.testing import slow_fitness
 
 
@@ -29,6 +30,4 @@ def fitness(options: dict, device: str | None = None):
                 os.kill(os.getpid(), signal.SIGKILL)
         return inner(assignment, fidelity)
 
-    if hasattr(inner, "fidelities"):
-        call.fidelities = inner.fidelities
-    return call
+    return FunctionFitness(call, inner.fidelities)

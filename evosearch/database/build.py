@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from evosearch import subnetwork
-from evosearch.compression import (QuantizationSpace, SearchProblem, SparsityQuantSpace, SparsitySpace, WidthSpace,
-                                   parse_quant_key)
+from evosearch.blocks import capture_block_inputs, run_block
 from evosearch.database.hessian import Hessian
-from evosearch.database.quantization import GPTQ, rtn_quantize
-from evosearch.database.sparsity import SparseGPT, magnitude_prune, wanda_prune
 from evosearch.database.store import Database
-from evosearch.database.structured import reform, reform_closed_form
+from evosearch.problem import SearchProblem
 from evosearch.units import Architecture
 
 log = logging.getLogger("evosearch")
@@ -36,61 +31,17 @@ log = logging.getLogger("evosearch")
 OWL_OUTLIER_FACTOR = 5.0  # OWL's M: a weight is an outlier when its Wanda score exceeds M x the layer mean
 
 
-@dataclass
-class BlockInputs:
-    """Hidden states entering a block, one tensor per calibration batch, and the keyword
-    arguments the model passes to every block (attention mask, rotary embeddings...)."""
-
-    hidden: list[torch.Tensor]
-    kwargs: list[dict]
-
-
-class _StopForward(Exception):
-    pass
-
-
-@torch.inference_mode()
-def capture_block_inputs(model, arch: Architecture, sequences: torch.Tensor, batch_size: int) -> BlockInputs:
-    """Run the model up to its first block and keep what the block receives."""
-    device = next(model.parameters()).device
-    blocks = arch.blocks
-    first = blocks[0]
-    captured = BlockInputs([], [])
-
-    class Catcher(torch.nn.Module):
-        def forward(self, *args, **kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            captured.hidden.append(hidden)
-            captured.kwargs.append(kwargs)
-            raise _StopForward
-
-    blocks[0] = Catcher()
-    try:
-        for start in range(0, len(sequences), batch_size):
-            try:
-                model.base_model(input_ids=sequences[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        blocks[0] = first
-    return captured
-
-
-def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.inference_mode()
 def build_database(model, arch: Architecture, problem: SearchProblem, database: Database,
                    sequences: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> None:
     """Fill ``database`` with every (unit, level) of ``problem`` it lacks, and the baselines' statistics."""
-    missing = {unit: [k for k in needed_keys(problem, unit) if not database.has(unit, k)] for unit in problem.keys}
+    kind = problem.compression
+    missing = {unit: [k for k in needed_entries(problem, unit) if not database.has(unit, k)]
+               for unit in problem.model_units}
     need_stats = not database.stats
     if not any(missing.values()) and not need_stats:
         log.info("database %s is complete", database.root or "(memory)")
         return
-    comp = problem.spec.compression
     by_block = defaultdict(list)
     for unit, keys in missing.items():
         if keys:
@@ -100,9 +51,7 @@ def build_database(model, arch: Architecture, problem: SearchProblem, database: 
     for b in tqdm(range(last + 1), desc="database", unit="block", disable=not progress):
         block = arch.blocks[b]
         linears = arch.linears(b)
-        wants_hessians = (by_block[b] or need_stats) and isinstance(comp, (SparsitySpace, QuantizationSpace,
-                                                                           WidthSpace))
-        hessians = _hessian_hooks(arch, b) if wants_hessians else {}
+        hessians = _hessian_hooks(arch, b) if (by_block[b] or need_stats) and kind.needs_hessians() else {}
         handles = [arch.module(name).register_forward_hook(hook) for name, hook in hessians.get("hooks", {}).items()]
         influence = _InfluenceMeter(arch, b) if need_stats else None
         try:
@@ -122,30 +71,19 @@ def build_database(model, arch: Architecture, problem: SearchProblem, database: 
         if influence is not None:
             for unit, value in influence.results().items():
                 database.stats.setdefault(unit, {})["block_influence"] = value
-        if hessians:
-            per_linear = hessians["per_linear"]
-            if need_stats:
-                database.stats.setdefault(arch.block_name(b), {})["outlier_ratio"] = _outlier_ratio(
-                    [(arch.module(n).weight, per_linear[n].column_norms()) for n in linears])
-            for unit in by_block[b]:
-                if isinstance(comp, WidthSpace):
-                    _width_unit(comp, arch, problem.model_units[unit], per_linear, missing[unit], database)
-                elif isinstance(comp, QuantizationSpace):
-                    _quantize_unit(comp, arch.module(unit).weight, per_linear[unit], unit, missing[unit], database)
-                else:
-                    _compress_unit(comp, arch.module(unit).weight, per_linear[unit], unit, missing[unit], database)
+        per_linear = hessians.get("per_linear", {})
+        if per_linear and need_stats:
+            database.stats.setdefault(arch.block_name(b), {})["outlier_ratio"] = _outlier_ratio(
+                [(arch.module(n).weight, per_linear[n].column_norms()) for n in linears])
+        for unit in by_block[b]:
+            kind.build(arch, problem.model_units[unit], per_linear, missing[unit], problem.levels[unit], database)
         inputs.hidden = outputs
     database.save_stats()
 
 
-def needed_keys(problem: SearchProblem, unit: str) -> list[str]:
-    """The database entries a unit needs: its compressed levels; for a width unit the
-    importance order of its groups, and its levels only when the search scores reformed ones."""
-    comp = problem.spec.compression
-    levels = [k for k in problem.keys[unit] if k not in ("dense", "drop")]
-    if isinstance(comp, WidthSpace):
-        return ["order"] + (levels if comp.fitness == "reformed" else [])
-    return levels
+def needed_entries(problem: SearchProblem, unit: str) -> list[str]:
+    """The database entries a unit needs (its kind says which: its stored levels, an importance order...)."""
+    return problem.compression.entries(problem.model_units[unit], problem.levels[unit])
 
 
 def _hessian_hooks(arch: Architecture, b: int) -> dict:
@@ -159,88 +97,6 @@ def _hessian_hooks(arch: Architecture, b: int) -> dict:
             per_linear[name] = hessian
         hooks[group[0]] = lambda module, args, output, h=hessian: h.add_batch(args[0])
     return {"per_linear": per_linear, "hooks": hooks}
-
-
-def _compress_unit(comp: SparsitySpace, weight: torch.Tensor, hessian: Hessian, unit: str, keys: list[str],
-                   database: Database) -> None:
-    """Every missing level of one linear layer; SparseGPT sweeps all unstructured levels at once."""
-    levels = {}  # key -> (sparsity, N:M pattern or None)
-    for key in keys:
-        if ":" in key:
-            n, m = map(int, key.split(":"))
-            levels[key] = (n / m, (n, m))
-        else:
-            levels[key] = (int(key.split("=")[1]) / weight.numel(), None)
-    pruned = {}
-    if comp.method == "sparsegpt":
-        solver = SparseGPT(weight, hessian.H)
-        unstructured = [k for k, (_, nm) in levels.items() if nm is None]
-        pruned = dict(zip(unstructured, solver.prune_levels([levels[k][0] for k in unstructured])))
-        pruned |= {k: solver.prune(s, nm) for k, (s, nm) in levels.items() if nm is not None}
-    elif comp.method == "wanda":
-        pruned = {k: wanda_prune(weight, hessian.column_norms(), s, nm) for k, (s, nm) in levels.items()}
-    else:
-        pruned = {k: magnitude_prune(weight, s, nm) for k, (s, nm) in levels.items()}
-    for key, value in pruned.items():
-        if comp.reform is not None:
-            r = comp.reform
-            value, _ = reform(weight, hessian.H, value != 0, rho=r.rho, iterations=r.iterations, damp=r.damp,
-                              start=value)
-        database.put(unit, key, {f"{unit}.weight": value.to(weight.dtype)})
-
-
-def _quantize_unit(comp: QuantizationSpace, weight: torch.Tensor, hessian: Hessian, unit: str, keys: list[str],
-                   database: Database) -> None:
-    """Every missing level of one linear layer: pruned first (joint levels), then quantised at
-    each bit-width, with the pruned weights kept at zero; GPTQ sweeps all bit-widths at once."""
-    by_zeros = defaultdict(list)  # zeros -> [(key, bits)]
-    for key in keys:
-        zeros, bits = parse_quant_key(key)
-        by_zeros[zeros].append((key, bits))
-    pruned = {0: weight}
-    if sparse := sorted(by_zeros.keys() - {0}):
-        pruned |= _prune(comp, weight, hessian, sparse)
-    for zeros, levels in by_zeros.items():
-        W = pruned[zeros]
-        keep = W != 0 if zeros else None  # the pruning mask
-        fmts = [comp.format(bits) for _, bits in levels]
-        if comp.method == "gptq":  # every bit-width in one sweep
-            quantized = GPTQ(W, hessian.H, act_order=comp.act_order).quantize_many(fmts, keep)
-        else:  # round-to-nearest maps a zero to the zero point, so it keeps zeros with no mask
-            quantized = [rtn_quantize(W, fmt) for fmt in fmts]
-        for (key, _), q in zip(levels, quantized):
-            database.put(unit, key, {f"{unit}.weight": q.dequantize()})
-
-
-def _prune(comp: SparsityQuantSpace, weight: torch.Tensor, hessian: Hessian, zeros: list[int]) -> dict[int, torch.Tensor]:
-    """The layer pruned to each number of zeros, by the joint space's pruning method."""
-    sparsities = [z / weight.numel() for z in zeros]
-    if comp.pruning == "sparsegpt":
-        pruned = SparseGPT(weight, hessian.H).prune_levels(sparsities)
-    elif comp.pruning == "wanda":
-        pruned = [wanda_prune(weight, hessian.column_norms(), s) for s in sparsities]
-    else:
-        pruned = [magnitude_prune(weight, s) for s in sparsities]
-    return dict(zip(zeros, pruned))
-
-
-def _width_unit(comp: WidthSpace, arch: Architecture, mu, per_linear: dict[str, Hessian], keys: list[str],
-                database: Database) -> None:
-    """A width unit's importance order and, for a reformed search, each level's output projection
-    rectified in closed form (exact for kept columns; the final sub-network gets ``comp.reform``)."""
-    lay = subnetwork.layout(arch, mu)
-    if "order" in keys:
-        scores = subnetwork.importance(arch, mu, {name: per_linear[name].H for name in (*lay.inputs, lay.output)})
-        database.put(mu.name, "order", {"order": subnetwork.importance_order(scores)})
-    order = database.get(mu.name, "order", device=arch.module(lay.output).weight.device)["order"]
-    W = arch.module(lay.output).weight
-    for key in keys:
-        if key == "order":
-            continue
-        kept = subnetwork.kept_by_order(order, int(key.split("=")[1]))  # kv_heads=K or channels=C: groups kept
-        columns = kept.repeat_interleave(lay.columns)
-        W_hat = reform_closed_form(W, per_linear[lay.output].H, columns, damp=comp.reform.damp)
-        database.put(mu.name, key, {f"{lay.output}.weight": W_hat.to(W.dtype)})
 
 
 def _outlier_ratio(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

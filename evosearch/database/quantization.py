@@ -18,29 +18,11 @@ Grids (as in the GPTQ reference quantiser):
   range of codes (-2^(bits-1) .. 2^(bits-1) - 1 around the zero), which is what GPTQ
   kernels with ``sym=True`` expect.
 
-Storage (``packed_bytes``) is counted here, once, for the search's budgets, the bytes a
-search reports and export's ``bytes`` budget: it is exactly the tensors that
-``evosearch export --format packed`` writes for the layer (see export.py, "Formats"):
-
-* dense layout: the codes of all weights as int32 words, ``bits`` each, a bit stream per
-  row (``4 * rows * ceil(cols * bits / 32)`` bytes); per row and group one float32 scale
-  (``4 * rows * groups``); for the asymmetric grid only, the zero points as int32 words
-  packed along the rows (``4 * ceil(rows * bits / 32) * groups``), the symmetric zero
-  being implied; and the int64 shape (16 bytes).
-* bitmask layout (a weight with zeros, e.g. pruned then quantised): a uint8 bitmask of
-  the kept weights (``rows * ceil(cols / 8)`` bytes) and the codes of the kept weights
-  only, in row-major order as one int32 bit stream (``4 * ceil(nonzeros * bits / 32)``
-  bytes; a reader finds a row's codes by counting the bits of the mask before it), plus
-  the same scales, zero points and shape as the dense layout.
-
-A weight with zeros is stored in whichever layout is smaller (the dense one on a tie,
-since compressed-tensors reads only that). Scales stay float32, so the stored layer
-computes exactly the weights the search evaluated.
+How a quantised weight is stored on disk, and its byte count, is ``evosearch.layouts``'s.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -96,28 +78,6 @@ class QuantizedWeight:
         g = self.fmt.group_index(self.codes.shape[1], self.codes.device)
         W = self.scales[:, g] * (self.codes.float() - self.zeros[:, g].float())
         return W.to(self.dtype)
-
-
-SCALE_BYTES = 4  # float32 scales: the exported layer computes exactly what the search evaluated
-SHAPE_BYTES = 16  # the int64 [out, in] stored with every packed weight
-
-
-def packed_bytes(shape: tuple[int, int], fmt: QuantFormat, nonzeros: int | None = None) -> int:
-    """Bytes of the tensors export writes for a (rows, cols) weight in ``fmt``: the dense
-    layout, or with ``nonzeros`` (the weights the bitmask keeps) given, the smaller of the
-    dense and the bitmask layout (see the module docstring)."""
-    rows, cols = shape
-    groups = fmt.groups(cols)
-
-    def int32_words(codes: int) -> int:
-        return math.ceil(codes * fmt.bits / 32)
-
-    grids = SCALE_BYTES * rows * groups + (0 if fmt.symmetric else 4 * int32_words(rows) * groups) + SHAPE_BYTES
-    dense = 4 * rows * int32_words(cols)
-    if nonzeros is None:
-        return dense + grids
-    bitmask = rows * math.ceil(cols / 8) + 4 * int32_words(nonzeros)
-    return min(dense, bitmask) + grids
 
 
 def distinct_per_group(W: torch.Tensor, group_size: int | None) -> torch.Tensor:

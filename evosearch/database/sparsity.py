@@ -122,6 +122,8 @@ class SparseGPT:
 
     def prune_levels(self, sparsities: list[float]) -> list[torch.Tensor]:
         """Unstructured pruning at every sparsity in ``sparsities``, in one sweep."""
+        if not sparsities:  # a space of N:M levels only (sparsity-2of4) asks for none
+            return []
         for sparsity in sparsities:
             _check_level(self.W, sparsity, None)
         rows, cols = self.W.shape

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from evosearch.errors import EvosearchError
-from evosearch.samplers import Sampler, register
+from evosearch.samplers.base import Sampler
 from evosearch.space import Budget, Feasibility, Space
 
 if TYPE_CHECKING:
-    from evosearch.engine import Context
+    from evosearch.samplers.base import Context
 
 
 def uniform_candidates(space: Space, budgets: list[Budget]) -> list[np.ndarray]:
@@ -71,11 +71,11 @@ class Uniform(Sampler):
     def run(self, ctx: Context) -> None:
         candidates = [ctx.space.assignment(x) for x in uniform_candidates(ctx.space, ctx.budgets)]
         fidelity = ctx.fidelities[-1]
-        ctx.bar.reset(total=len(candidates))
+        ctx.progress.start(len(candidates))
         for assignment in candidates:
             ctx.evaluator.evaluate([assignment], fidelity)
             ctx.evaluator.complete([assignment], fidelity)
-            ctx.bar.update()
+            ctx.progress.advance()
 
 
 class DP(Sampler):
@@ -101,10 +101,10 @@ class DP(Sampler):
                 probes.append(base.copy())
                 probes[-1][unit] = level
         probes = [space.assignment(x) for x in probes]
-        ctx.bar.reset(total=len(probes) + 1)
+        ctx.progress.start(len(probes) + 1)
         values = ctx.evaluator.evaluate(probes, fidelity, attrs={"probe": True})
         ctx.evaluator.complete(probes, fidelity)
-        ctx.bar.update(len(probes))
+        ctx.progress.advance(len(probes))
 
         scores = np.full(budget.contributions(space).shape, np.inf)
         scores[:, 0] = 0.0
@@ -119,7 +119,7 @@ class DP(Sampler):
         best = space.assignment(x)
         ctx.evaluator.evaluate([best], fidelity)
         ctx.evaluator.complete([best], fidelity)
-        ctx.bar.update()
+        ctx.progress.advance()
 
 
 def knapsack(
@@ -172,7 +172,3 @@ def _quantum(steps: np.ndarray, reach: float, bins: int) -> float | None:
     quantum = numerator / denominator
     exact = all(abs(s / quantum - round(s / quantum)) < 1e-6 for s in steps)
     return quantum if exact and reach / quantum <= bins else None
-
-
-register("uniform", Uniform)
-register("dp", DP)

@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from evosearch.errors import EvosearchError
-from evosearch.samplers import Sampler, register
+from evosearch.samplers.base import Sampler
 from evosearch.samplers.baselines import uniform_candidates
 
 if TYPE_CHECKING:
-    from evosearch.engine import Context
+    from evosearch.samplers.base import Context
 
 logger = logging.getLogger("evosearch")
 
@@ -77,8 +77,7 @@ class EvoPress(Sampler):
         stages = self._stages(ctx.fidelities)
         groups = self._groups(ctx)
         parent = self._initial(ctx, stages[0][0])
-        ctx.bar.reset(total=self.generations)
-        ctx.bar.unit = "generation"
+        ctx.progress.start(self.generations, unit="generation")
         for generation in range(1, self.generations + 1):
             rng = ctx.rng(generation)
             children = self._offspring(parent, groups, ctx, rng)
@@ -99,7 +98,7 @@ class EvoPress(Sampler):
                 "generation %d/%d: parent fitness %.6g, %d offspring, %d evaluations",
                 generation, self.generations, value, len(children), ctx.evaluator.n_evaluations - before,
             )
-            ctx.bar.update()
+            ctx.progress.advance()
 
     def _stages(self, fidelities: list[int]) -> list[tuple[int, int]]:
         if self.stages is None:
@@ -216,6 +215,3 @@ def _unused_budget(parent: np.ndarray, ctx: Context) -> bool:
     usages, feasibility = ctx.feasibility.usages(parent), ctx.feasibility
     return any(b.form.startswith("max_") and usages[i] < feasibility.upper[i] - 1e-9 * feasibility.scale[i]
                for i, b in enumerate(ctx.budgets))
-
-
-register("evopress", EvoPress)

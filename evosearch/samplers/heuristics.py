@@ -7,8 +7,9 @@
 - ``shortgpt``: ShortGPT's block influence (Men et al., 2024): drop the units whose
   residual stream changes least (lowest 1 - cos(input, output)) until the budget is met.
 
-Both need statistics gathered while the database is built, so they are registered for
-one problem at a time (``register_for``). Each evaluates its single assignment once.
+Both need statistics gathered while the database is built: ``for_problem(name, problem,
+stats)`` builds the sampler object for one problem (two problems in one process never
+share one). Each evaluates its single assignment once.
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from evosearch.errors import EvosearchError
-from evosearch.samplers import Sampler, register
+from evosearch.samplers.base import Sampler
 from evosearch.space import Feasibility
 
 if TYPE_CHECKING:
-    from evosearch.compression import SearchProblem
-    from evosearch.database.store import Database
-    from evosearch.engine import Context
+    from evosearch.problem import SearchProblem
+    from evosearch.samplers.base import Context
 
 OWL_LAMBDA = 0.08
+HEURISTICS = ("owl", "shortgpt")
 
 
 class FixedAssignment(Sampler):
@@ -39,10 +40,10 @@ class FixedAssignment(Sampler):
     def run(self, ctx: Context) -> None:
         assignment = ctx.space.assignment(self.compute(ctx))
         fidelity = ctx.fidelities[-1]
-        ctx.bar.reset(total=1)
+        ctx.progress.start(1)
         ctx.evaluator.evaluate([assignment], fidelity, attrs={"heuristic": self.name})
         ctx.evaluator.complete([assignment], fidelity)
-        ctx.bar.update()
+        ctx.progress.advance()
 
 
 def owl_sparsities(outlier_ratio: np.ndarray, target: float, lam: float = OWL_LAMBDA) -> np.ndarray:
@@ -79,32 +80,36 @@ def closest_feasible(ctx: Context, desired: np.ndarray, resource: str) -> np.nda
     return x
 
 
-def register_for(problem: SearchProblem, database: Database) -> None:
-    """Register ``owl`` and ``shortgpt`` for this problem, using the database's statistics."""
-    stats = database.stats
-    kind = problem.spec.compression.kind
-
-    def owl(ctx: Context) -> np.ndarray:
-        if kind != "sparsity":
+def for_problem(name: str, problem: SearchProblem, stats: dict[str, dict[str, float]]) -> FixedAssignment:
+    """The heuristic sampler ``name`` (``owl`` or ``shortgpt``) for ``problem``, from the database's statistics."""
+    space = problem.space
+    if name == "owl":
+        if "sparsity" not in space.resources or problem.budget.resource != "sparsity":
             raise EvosearchError("sampler 'owl' allocates sparsity; use it with a sparsity space")
-        blocks = sorted({mu.block for mu in problem.model_units.values()})
-        ratios = np.array([stats[problem.arch.block_name(b)]["outlier_ratio"] for b in blocks])
-        per_block = dict(zip(blocks, owl_sparsities(ratios, problem.budget.target)))
-        desired = np.array([per_block[problem.model_units[u.name].block] for u in ctx.space.units])
-        return closest_feasible(ctx, desired, "sparsity")
-
-    def shortgpt(ctx: Context) -> np.ndarray:
-        if kind != "drop":
+        block_of = [problem.model_units[u.name].block for u in space.units]
+        ratios = {b: stats[problem.arch.block_name(b)]["outlier_ratio"] for b in sorted(set(block_of))}
+        return FixedAssignment("owl", lambda ctx: _owl(ctx, block_of, ratios, problem.budget.target))
+    if name == "shortgpt":
+        if "dropped" not in space.resources:
             raise EvosearchError("sampler 'shortgpt' drops blocks; use it with a drop space")
-        influence = np.array([stats[u.name]["block_influence"] for u in ctx.space.units])
-        x = np.zeros(len(ctx.space.units), dtype=np.int64)  # level 0 = keep
-        for unit in np.argsort(influence, kind="stable"):
-            if ctx.feasibility.is_met(x):
-                break
-            x[unit] = 1
-        if not ctx.feasibility.is_met(x):
-            raise EvosearchError("shortgpt: dropping by influence never met the budget")
-        return x
+        influence = np.array([stats[u.name]["block_influence"] for u in space.units])
+        return FixedAssignment("shortgpt", lambda ctx: _shortgpt(ctx, influence))
+    raise EvosearchError(f"{name!r} is not a heuristic sampler; heuristics: {', '.join(HEURISTICS)}")
 
-    register("owl", lambda: FixedAssignment("owl", owl))
-    register("shortgpt", lambda: FixedAssignment("shortgpt", shortgpt))
+
+def _owl(ctx: Context, block_of: list[int], ratios: dict[int, float], target: float) -> np.ndarray:
+    """OWL's block sparsities (each unit takes its block's), then the closest feasible levels."""
+    per_block = dict(zip(ratios, owl_sparsities(np.array(list(ratios.values())), target)))
+    return closest_feasible(ctx, np.array([per_block[b] for b in block_of]), "sparsity")
+
+
+def _shortgpt(ctx: Context, influence: np.ndarray) -> np.ndarray:
+    """Drop the units of least influence until the budget is met."""
+    x = np.zeros(len(ctx.space.units), dtype=np.int64)  # level 0 = keep
+    for unit in np.argsort(influence, kind="stable"):
+        if ctx.feasibility.is_met(x):
+            break
+        x[unit] = 1
+    if not ctx.feasibility.is_met(x):
+        raise EvosearchError("shortgpt: dropping by influence never met the budget")
+    return x

@@ -41,10 +41,10 @@ import optuna
 from optuna.distributions import IntDistribution
 
 from evosearch.errors import EvosearchError
-from evosearch.samplers import Sampler, register
+from evosearch.samplers.base import Sampler
 
 if TYPE_CHECKING:
-    from evosearch.engine import Context
+    from evosearch.samplers.base import Context
 
 
 class OptunaSampler(Sampler):
@@ -73,9 +73,8 @@ class OptunaSampler(Sampler):
         space, fidelity = ctx.space, ctx.fidelities[-1]
         distributions = {u.name: IntDistribution(0, len(u.levels) - 1) for u in space.units}
         done = len(ctx.study.get_trials(deepcopy=False))
-        ctx.bar.reset(total=ctx.n_trials)
-        ctx.bar.unit = "trial"
-        ctx.bar.update(done)
+        ctx.progress.start(ctx.n_trials, unit="trial")
+        ctx.progress.advance(done)
         while done < ctx.n_trials:
             # A batch of ask/tell, one trial per parallel evaluation: the trials asked earlier in
             # the batch are RUNNING when the next is asked, which TPE's constant liar and GP heed.
@@ -95,7 +94,7 @@ class OptunaSampler(Sampler):
                 if first[ctx.evaluator.key(assignment)][0] is not trial:  # its value is in the memo now
                     ctx.evaluator.evaluate([assignment], fidelity, trials=[trial])
                     ctx.evaluator.complete([assignment], fidelity)
-            ctx.bar.update(len(trials))
+            ctx.progress.advance(len(trials))
             done += len(trials)
 
 
@@ -105,8 +104,3 @@ class NSGAII(OptunaSampler):
         if direction not in ("minimize", "maximize"):
             raise EvosearchError(f"nsga2: direction must be 'minimize' or 'maximize', got {direction!r}")
         self.tradeoff = (resource, direction)  # resource None: the first budget's
-
-
-for _kind in ("tpe", "cmaes", "gp", "random"):
-    register(_kind, lambda _k=_kind, **options: OptunaSampler(_k, **options))
-register("nsga2", NSGAII)
