@@ -24,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from evosearch.database.quantization import QuantFormat, packed_bytes
-from evosearch.errors import EvosearchError
+from evosearch.errors import EvosearchError, first_problem
 from evosearch.space import Budget, Space, Unit
 from evosearch.units import Architecture, ModelUnit
 
@@ -238,9 +238,7 @@ class CompressionSpace(_Spec):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            raise EvosearchError(f"space file {path}: {where}: {error['msg']}") from None
+            raise EvosearchError(f"space file {path}: {first_problem(exc)}") from None
 
     def materialize(self, arch: Architecture, budget_value: float) -> "SearchProblem":
         if isinstance(self.compression, SparsitySpace):

@@ -103,3 +103,17 @@ def test_latency_budget_search_gives_an_export_whose_measured_latency_is_predict
             measured[name].append(measure_model(m, WORKLOAD, fastest)["decode_ms"])
     ratio = statistics.median(measured["export"]) / statistics.median(measured["dense"])
     assert 0.6 < ratio / (predicted / table.predict(problem, dense)) < 1.4, (measured, predicted)
+
+
+def test_a_file_that_is_not_a_table_names_its_first_problem(tmp_path):
+    path = tmp_path / "table.json"
+    path.write_text('{"target": "cpu", "device": "x"}')  # JSON, but 8 fields short of a table
+    with pytest.raises(EvosearchError, match=r"^hardware table .*table.json: dtype: Field required \(8 problems in all\); "
+                                             r"pass a table that `evosearch profile` wrote$"):
+        HardwareTable.load(path)
+    path.write_text('{"targt": "cpu"}')
+    with pytest.raises(EvosearchError, match=r"table.json: targt: unknown field \(11 problems"):
+        HardwareTable.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(EvosearchError, match=r"table.json: Input should be an object"):
+        HardwareTable.load(path)

@@ -193,6 +193,9 @@ def test_recipe_errors_are_one_line(tmp_path):
     bad.write_text("space: sparsity\nbudget: 0.5\nbudgt: 0.6\n")
     with pytest.raises(EvosearchError, match=r"bad.yaml: budgt: unknown field; the fields are space, budget"):
         Recipe.load(bad)
+    bad.write_text("space: sparsity\nbudgt: 0.5\n")  # the typo, not the budget it leaves missing
+    with pytest.raises(EvosearchError, match=r"bad.yaml: budgt: unknown field; the fields are space, budget"):
+        Recipe.load(bad)
     bad.write_text("space: sparsity\n")
     with pytest.raises(EvosearchError, match=r"bad.yaml: budget: Field required"):
         Recipe.load(bad)
