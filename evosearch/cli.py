@@ -385,10 +385,11 @@ def cmd_profile(args) -> int:
     import torch
 
     from evosearch import hardware
-    from evosearch.model import load_model, model_fingerprint
+    from evosearch.model import load_model, model_fingerprint, resolve_device
 
     for field in ("batch", "prompt", "new_tokens"):
         _positive(field.replace("_", "-"), getattr(args, field))
+    resolve_device(args.target, field="--target")
     if args.threads is not None:
         torch.set_num_threads(_positive("threads", args.threads))
     model, _ = load_model(args.model, device=args.target, dtype=args.dtype)
@@ -448,7 +449,11 @@ def cmd_heal(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from evosearch.model import resolve_device
     from evosearch.workers import DEFAULT_FACTORY, run_worker
+
+    if args.device is not None:
+        resolve_device(args.device)  # before waiting for the search, not when its model loads
 
     for handler in log.handlers:
         handler.setFormatter(logging.Formatter(f"[evosearch worker {os.getpid()}] %(message)s"))

@@ -103,7 +103,7 @@ from evosearch.database.quantization import QuantFormat, QuantizedWeight, recove
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import ROWS_PER_CHUNK, hidden_size, hidden_states, logits_from_hidden, perplexity
 from evosearch.kernels import kl as kl_kernels
-from evosearch.model import default_device, load_model, model_fingerprint, resolve_dtype
+from evosearch.model import load_model, model_fingerprint, resolve_device, resolve_dtype
 from evosearch.pipeline import SearchSettings, is_dropped
 from evosearch.units import Architecture, architecture
 
@@ -509,6 +509,7 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
     """Heal the searched model of ``result_dir`` (see the module's docstring); returns the heal section."""
     result_dir = Path(result_dir)
     result, search = read_result(result_dir)
+    device = resolve_device(settings.device)  # a device this machine lacks fails before --force deletes anything
     healed_dir, checkpoint_dir = result_dir / HEALED, result_dir / CHECKPOINT
     if force:
         for stale in (healed_dir, checkpoint_dir):
@@ -516,7 +517,6 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
     elif "heal" in result and healed_dir.exists():
         raise EvosearchError(f"{result_dir} already holds a healed model ({HEALED}/); pass --force to heal again")
     clock = time.perf_counter()
-    device = torch.device(settings.device) if settings.device else default_device()
     dtype = resolve_dtype(settings.dtype or search.dtype, device)
     teacher, tokenizer = load_model(search.model, device=device, dtype=dtype)
     student, _ = load_model(result_dir / "model", device=device, dtype=dtype)

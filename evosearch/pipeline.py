@@ -49,7 +49,7 @@ from evosearch.engine import search
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
-from evosearch.model import load_model, model_fingerprint
+from evosearch.model import load_model, model_fingerprint, resolve_device
 from evosearch.units import architecture
 from evosearch.workers import Workers, open_storage
 
@@ -124,6 +124,7 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     if settings.workers and not settings.storage:
         raise EvosearchError("--workers needs --storage that workers can share: a journal file (path ending in "
                              ".journal) on one host, or postgresql://... across hosts")
+    resolve_device(settings.device)  # before anything in `out` is written or deleted
     out = Path(out)
     prepare_output(out, resume, force)
     recipe = Recipe.from_settings(settings, out)
