@@ -48,6 +48,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -398,19 +399,51 @@ def search(
     return _result(study, space, evaluator, settings, time.perf_counter() - started)
 
 
-def _storage(storage: str | BaseStorage | None) -> str | BaseStorage | None:
+def journal_path(storage: str) -> str | None:
+    """The file of a journal storage (a path ending in .log or .journal, or 'journal:path'); None for a URL."""
+    if storage.startswith("journal:"):
+        return storage[len("journal:") :]
+    return storage if storage.endswith((".log", ".journal")) else None
+
+
+def _storage(storage: str | BaseStorage | None) -> BaseStorage | None:
+    """The storage `storage` names, opened: a database server out of reach, or a journal file in a
+    folder that does not exist, fails here in one line instead of a traceback from the first read."""
     if not isinstance(storage, str):
         return storage
-    if storage.startswith("journal:"):
-        return JournalStorage(JournalFileBackend(storage[len("journal:") :]))
-    if storage.endswith((".log", ".journal")):
-        return JournalStorage(JournalFileBackend(storage))
+    journal = journal_path(storage)
+    if journal is not None:
+        try:
+            return JournalStorage(JournalFileBackend(journal))
+        except OSError as exc:
+            folder = Path(journal).parent
+            why = f"its folder {folder} does not exist" if not folder.is_dir() else exc.strerror
+            raise EvosearchError(f"storage {storage}: cannot open the journal file ({why}); check the path") from None
     if "://" not in storage:
         raise EvosearchError(
             f"storage {storage!r}: give a database URL (sqlite:///path.db), a journal file "
             f"(path ending in .log or .journal, or 'journal:path'), or None"
         )
-    return storage
+    try:
+        return optuna.storages.get_storage(storage)  # what optuna.create_study makes of a URL
+    except Exception as exc:  # SQLAlchemy's errors (server, URL), or the ImportError of a missing driver
+        raise EvosearchError(_unopened(storage, exc)) from None
+
+
+def _unopened(url: str, exc: Exception) -> str:
+    """Why the database at `url` could not be opened, on one line (its password hidden)."""
+    import sqlalchemy
+
+    reason = (str(getattr(exc, "orig", None) or exc).strip() or type(exc).__name__).splitlines()[0]
+    try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: SQLAlchemy's reason says so
+        shown = url
+    if url.startswith("sqlite"):
+        return f"storage {shown}: cannot open the SQLite file ({reason}); check that its folder exists"
+    if isinstance(exc, sqlalchemy.exc.OperationalError):
+        return f"storage: cannot reach the database server at {shown} ({reason}); check the URL, or start the server"
+    return f"storage {shown}: Optuna cannot open this database URL ({reason}); e.g. postgresql://user@host/db"
 
 
 def _check_study(study: optuna.Study, settings: dict, resume: bool) -> None:

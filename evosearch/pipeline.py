@@ -45,7 +45,7 @@ from evosearch.data import load_corpus
 from evosearch.database.build import build_database
 from evosearch.database.quantization import distinct_per_group, packed_bytes
 from evosearch.database.store import Database
-from evosearch.engine import search
+from evosearch.engine import _storage, journal_path, search
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
@@ -126,13 +126,13 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
                              ".journal) on one host, or postgresql://... across hosts")
     resolve_device(settings.device)  # before anything in `out` is written or deleted
     out = Path(out)
+    if settings.storage:
+        _reach_storage(settings, out)
     prepare_output(out, resume, force)
     recipe = Recipe.from_settings(settings, out)
     # A resumed run keeps the files of the run it continues until it finishes: were these settings
     # refused (another seed, say), the folder would otherwise describe a search it does not hold.
     _write_unless_resumed(out / "recipe.yaml", recipe.to_yaml(), resume)
-    if settings.workers:
-        open_storage(settings.storage)  # refuses SQLite and reaches the server before anything is loaded
     clock = _Stopwatch()
 
     spec, model, tokenizer, arch, problem, table, corpus, fitness_tokens = _load(settings, settings.device)
@@ -233,6 +233,16 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     (out / "result.json").write_text(json.dumps(report, indent=1))
     (out / "recipe.yaml").write_text(recipe.to_yaml())
     return report
+
+
+def _reach_storage(settings: SearchSettings, out: Path) -> None:
+    """Open the run's own storage before anything is loaded or deleted, so that a server out of reach
+    or a wrong path fails at once (workers' storage: no SQLite either). A journal file in `out` is left
+    to the search: the folder may not exist yet, and an empty journal there would look like a search."""
+    journal = journal_path(settings.storage)
+    if journal is not None and Path(journal).resolve().is_relative_to(out.resolve()):
+        return
+    (open_storage if settings.workers else _storage)(settings.storage)
 
 
 def search_problem(settings: SearchSettings, spec: CompressionSpace, arch) -> tuple[SearchProblem, object]:

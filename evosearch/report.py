@@ -180,8 +180,9 @@ def _point_dict(p: Point, with_assignment: bool = False) -> dict:
 
 def read_history(storage: str, study_name: str | None = None) -> History:
     """Read an evosearch study (by name, or the only study in the storage)."""
+    opened = open_storage(storage)
     try:
-        names = optuna.get_all_study_names(storage=open_storage(storage))
+        names = optuna.get_all_study_names(storage=opened)
     except Exception as exc:  # SQLAlchemy and journal readers raise many kinds of errors on a bad file
         raise EvosearchError(f"cannot read the study storage {storage}: {str(exc).splitlines()[0]}") from None
     if study_name is None:
@@ -192,7 +193,7 @@ def read_history(storage: str, study_name: str | None = None) -> History:
         study_name = evosearch_studies[0]
     elif study_name not in names:
         raise EvosearchError(f"storage {storage} has no study {study_name!r} (it has: {', '.join(names) or 'none'})")
-    study = optuna.load_study(study_name=study_name, storage=open_storage(storage))
+    study = optuna.load_study(study_name=study_name, storage=opened)
     settings = study.user_attrs.get("evosearch", {})
     trials = study.get_trials(deepcopy=False)
     states: dict[str, int] = {}

@@ -62,7 +62,7 @@ from typing import Any, Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import BaseStorage, RDBStorage, _CachedStorage
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from evosearch.engine import _caller, _quiet_optuna, _storage, fidelities_of
@@ -82,15 +82,12 @@ def evaluations_study(study_name: str) -> str:
 
 def open_storage(storage: str) -> BaseStorage:
     """A storage that workers and a driver can share: a journal file or a database server."""
-    opened = _storage(storage)
-    if isinstance(opened, str):
-        if opened.startswith("sqlite"):
-            raise EvosearchError(
-                f"storage {storage!r}: SQLite is a storage for one process; workers need a journal file "
-                f"(a path ending in .journal, on one host) or a database server (postgresql://...)"
-            )
-        opened = _CachedStorage(RDBStorage(opened))  # what optuna.create_study makes of a URL
-    return opened
+    if storage.startswith("sqlite"):
+        raise EvosearchError(
+            f"storage {storage!r}: SQLite is a storage for one process; workers need a journal file "
+            f"(a path ending in .journal, on one host) or a database server (postgresql://...)"
+        )
+    return _storage(storage)
 
 
 def _key(assignment: Assignment, fidelity: int | None) -> tuple[str, int | None]:
