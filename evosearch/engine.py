@@ -4,8 +4,9 @@ Every evaluated candidate is a trial of an Optuna study, so a search can be
 inspected with plain Optuna, shared through its storage and resumed. Multi-fidelity
 evaluation maps onto Optuna's own concepts: a candidate's score at a fidelity is
 ``trial.report(value, step=fidelity)``; a candidate dropped between selection stages
-is PRUNED; one that reaches the last stage is COMPLETE with its value there; a NaN or
-infinite score marks the trial FAIL and the candidate loses. Each trial stores the
+is PRUNED, with no value (its scores are its reports); one that reaches the last stage is
+COMPLETE with its value there; a NaN or infinite score marks the trial FAIL and the
+candidate loses. Each trial stores the
 evaluated assignment, its usage of each budget and whether it meets them all as user
 attributes. A trial whose assignment breaks a budget (only the `dp` baseline's
 single-unit probes do) also carries Optuna constraints (``trial.set_constraint``,
@@ -185,7 +186,7 @@ class Evaluator:
         """Close the open trials of candidates dropped by selection."""
         for key in map(self.key, assignments):
             if key in self._open:
-                self.study.tell(self._open.pop(key), state=TrialState.PRUNED)
+                self._close(self._open.pop(key), TrialState.PRUNED)
 
     def complete(self, assignments: list[Assignment], fidelity: int) -> None:
         """Close the open trials of candidates that reached the last stage, with their value there."""
@@ -206,8 +207,17 @@ class Evaluator:
     def close(self, state: TrialState) -> None:
         """Close every open trial with `state` (when the search stops or is interrupted)."""
         for trial in self._open.values():
-            self.study.tell(trial, state=state)
+            self._close(trial, state)
         self._open.clear()
+
+    def _close(self, trial: optuna.Trial, state: TrialState) -> None:
+        """Finish a trial with no value. ``Study.tell(trial, state=PRUNED)`` would make its last report its
+        value, and plain Optuna readers (optuna-dashboard) then plot a candidate dropped at a low fidelity,
+        scored on fewer tokens, as better than the best. Its reports stay: resume reads them. Optuna has
+        no public call for this; this is what tell does, less that value."""
+        frozen = self.study._storage.get_trial(trial._trial_id)
+        self.study.sampler.after_trial(self.study, frozen, state, None)  # what tell does before storing
+        self.study._storage.set_trial_state_values(trial._trial_id, state, None)
 
 
 def fidelities_of(fitness: Callable) -> list[int]:
