@@ -305,6 +305,7 @@ class SearchResult(BaseModel):
     study_name: str
     settings: dict[str, Any]
     wall_time: float  # seconds spent in this call
+    runs: list[float] = []  # seconds of each call on this study so far (interrupted ones too), this one last
 
 
 def search(
@@ -395,6 +396,7 @@ def search(
         evaluator.close(TrialState.PRUNED)
     except KeyboardInterrupt:
         evaluator.close(TrialState.FAIL)
+        _add_run(study, started)
         if storage is None:
             logger.warning("search interrupted; this in-memory study is lost (pass storage=... to make it resumable)")
         else:
@@ -406,7 +408,16 @@ def search(
         raise
     finally:
         bar.close()
-    return _result(study, space, evaluator, settings, time.perf_counter() - started)
+    runs = _add_run(study, started)
+    return _result(study, space, evaluator, settings, time.perf_counter() - started, runs)
+
+
+def _add_run(study: optuna.Study, started: float) -> list[float]:
+    """Add this run's seconds to the study's ``runs`` (a user attribute): what a search took is the
+    sum over the runs of it, which a resumed one would otherwise not know."""
+    runs = [*study.user_attrs.get("runs", []), round(time.perf_counter() - started, 3)]
+    study.set_user_attr("runs", runs)
+    return runs
 
 
 def journal_path(storage: str) -> str | None:
@@ -492,7 +503,8 @@ def _quiet_optuna():
         optuna.logging.set_verbosity(verbosity)
 
 
-def _result(study: optuna.Study, space: Space, evaluator: Evaluator, settings: dict, wall_time: float) -> SearchResult:
+def _result(study: optuna.Study, space: Space, evaluator: Evaluator, settings: dict, wall_time: float,
+            runs: list[float]) -> SearchResult:
     records, finished = [], []
     for t in study.get_trials(deepcopy=False):
         complete = t.state == TrialState.COMPLETE
@@ -538,4 +550,5 @@ def _result(study: optuna.Study, space: Space, evaluator: Evaluator, settings: d
         study_name=study.study_name,
         settings=settings,
         wall_time=wall_time,
+        runs=runs,
     )

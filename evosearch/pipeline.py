@@ -217,7 +217,8 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         "parameters": {"dense": sum(u.params for u in problem.model_units.values()),
                        "kept": kept_parameters(model, arch, problem)},
         "search": {"sampler": settings.sampler, "evaluations": result.n_evaluations,
-                   "seconds": round(result.wall_time, 1), "best_trial": result.best.trial,
+                   "seconds": round(sum(result.runs), 1), "runs": len(result.runs),  # resumed: all runs
+                   "best_trial": result.best.trial,
                    "study": result.study_name,
                    "pareto": [{"trial": c.trial, "kl": c.value, "usage": c.usage} for c in result.pareto]},
         "timings": clock.times,

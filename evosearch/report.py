@@ -142,6 +142,7 @@ class History:
     sampler: str
     tradeoff: dict | None  # a multi-objective search's second objective: {"label", "direction"}
     points: list[Point]  # complete feasible candidates at the highest fidelity any reached, in completion order
+    runs: list[float]  # seconds of each run of the search (the engine records them), interrupted ones too
 
     @property
     def best(self) -> Point | None:
@@ -166,6 +167,7 @@ class History:
             "evaluations": self.evaluations, "budgets": self.budgets, "tradeoff": self.tradeoff,
             "best": None if best is None else _point_dict(best, with_assignment=True),
             "pareto": [_point_dict(p) for p in self.pareto()],
+            "runs": len(self.runs), "seconds": round(sum(self.runs), 1),
         }
 
 
@@ -225,7 +227,7 @@ def read_history(storage: str, study_name: str | None = None) -> History:
     budgets = settings.get("budgets", [])
     return History(name=study_name, storage=storage, states=states, evaluations=len(seen), budgets=budgets,
                    sampler=settings.get("sampler", "?"), tradeoff=_tradeoff(study, settings),
-                   points=[p for p in candidates if p.fidelity == top])
+                   points=[p for p in candidates if p.fidelity == top], runs=study.user_attrs.get("runs", []))
 
 
 def _tradeoff(study: optuna.Study, settings: dict) -> dict | None:
@@ -319,8 +321,9 @@ def render_text(summary: dict) -> str:
         lines += _result_lines(result)
     if study:
         states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(study["trials"].items()))
+        runs = f"; {_runs(study['seconds'], study['runs'])} of search" if study.get("runs") else ""
         lines.append(f"study {study['name']} in {study['storage']}: {study['evaluations']} fitness evaluations; "
-                     f"trials {states}")
+                     f"trials {states}{runs}")
         best = study["best"]
         if not result and best:
             usage = ", ".join(f"{k} {v:.4f}" for k, v in best["usage"].items())
@@ -389,10 +392,17 @@ def _result_lines(result: dict) -> list[str]:
         lines += ["", heal_summary(result["heal"])]
     timings = result.get("timings")
     if search:
-        stages = f" (seconds per stage: {', '.join(f'{k} {v:.0f}' for k, v in timings.items())})" if timings else ""
+        runs = search.get("runs", 1)
+        which = "the last run's seconds" if runs > 1 else "seconds"  # the stages of the run that wrote result.json
+        stages = f" ({which} per stage: {', '.join(f'{k} {v:.0f}' for k, v in timings.items())})" if timings else ""
         lines.append(f"search: {search.get('evaluations')} evaluations, best trial {search.get('best_trial')}; "
-                     f"{search.get('seconds', 0):.0f} s{stages}")
+                     f"{_runs(search.get('seconds', 0), runs)}{stages}")
     return lines
+
+
+def _runs(seconds: float, runs: int) -> str:
+    """``95 s`` or, for a resumed search, ``95 s over 3 runs``."""
+    return f"{seconds:.0f} s" + (f" over {runs} runs" if runs > 1 else "")
 
 
 def _fmt(value, fmt: str) -> str:

@@ -109,6 +109,7 @@ def test_show_an_interrupted_search_and_resume_it(checkpoint, finished, tmp_path
     best = summary["study"]["best"]
     assert best["fidelity"] == 128 and best["usage"]["average sparsity"] == pytest.approx(0.5)
     assert summary["allocation"]["layers"] == [0, 1]
+    assert summary["study"]["runs"] == 1 and summary["study"]["seconds"] > 0  # the interrupted run counts
 
     with pytest.raises(EvosearchError, match="cannot resume"):  # other settings are refused, and change nothing
         run_search(settings(checkpoint, sampler_options={"offspring": 5}), out, resume=True, progress=False)
@@ -121,6 +122,11 @@ def test_show_an_interrupted_search_and_resume_it(checkpoint, finished, tmp_path
     assert main(shlex.split(resume)[1:]) == 0  # "evosearch run DIR/recipe.yaml --out DIR --resume"
     resumed = json.loads((out / "result.json").read_text())
     assert resumed["assignment"] == json.loads((finished / "result.json").read_text())["assignment"]
+    # Its search time is that of both runs, not only the last's.
+    assert resumed["search"]["runs"] == 2 and resumed["search"]["seconds"] >= summary["study"]["seconds"]
+    assert resumed["search"]["seconds"] > resumed["timings"]["search"]
+    assert main(["show", str(out)]) == 0
+    assert f"{resumed['search']['seconds']:.0f} s over 2 runs (the last run's seconds per stage" in capsys.readouterr().out
 
 
 def test_report_writes_plots_and_one_page(finished):
