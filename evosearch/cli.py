@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fitness", default=None,
                    help="module:function that builds the fitness from the options the search stored "
                         "(default: the model search's, evosearch.pipeline:worker_fitness)")
+    p.add_argument("--wait", type=float, default=600, metavar="SECONDS",
+                   help="give up when the study has not appeared after this long, or when its search queued "
+                        "nothing this long without finishing (default 600); a finished search ends a worker at once")
     p.set_defaults(run=cmd_worker)
 
     p = commands.add_parser("run", help="run (or resume) the search a recipe describes")
@@ -452,12 +455,14 @@ def cmd_worker(args) -> int:
     from evosearch.model import resolve_device
     from evosearch.workers import DEFAULT_FACTORY, run_worker
 
+    if args.wait <= 0:
+        raise EvosearchError(f"--wait must be a positive number of seconds, got {args.wait:g}")
     if args.device is not None:
         resolve_device(args.device)  # before waiting for the search, not when its model loads
 
     for handler in log.handlers:
         handler.setFormatter(logging.Formatter(f"[evosearch worker {os.getpid()}] %(message)s"))
-    run_worker(args.storage, args.study, factory=args.fitness or DEFAULT_FACTORY, device=args.device)
+    run_worker(args.storage, args.study, factory=args.fitness or DEFAULT_FACTORY, device=args.device, wait=args.wait)
     return 0
 
 
