@@ -104,7 +104,7 @@ from evosearch.errors import EvosearchError
 from evosearch.evaluate import ROWS_PER_CHUNK, hidden_size, hidden_states, logits_from_hidden, perplexity
 from evosearch.kernels import kl as kl_kernels
 from evosearch.model import load_model, model_fingerprint, resolve_device, resolve_dtype
-from evosearch.pipeline import SearchSettings, is_dropped
+from evosearch.pipeline import SearchSettings, folder_lock, is_dropped
 from evosearch.units import Architecture, architecture
 
 log = logging.getLogger("evosearch")
@@ -506,10 +506,17 @@ def read_result(result_dir: Path) -> tuple[dict, SearchSettings]:
 
 
 def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False, progress: bool = True) -> dict:
-    """Heal the searched model of ``result_dir`` (see the module's docstring); returns the heal section."""
+    """Heal the searched model of ``result_dir`` (see the module's docstring); returns the heal section.
+    The folder is locked while it heals, as a search locks it (`folder_lock`)."""
     result_dir = Path(result_dir)
     result, search = read_result(result_dir)
     device = resolve_device(settings.device)  # a device this machine lacks fails before --force deletes anything
+    with folder_lock(result_dir):
+        return _heal(result_dir, result, search, settings, device, force, progress)
+
+
+def _heal(result_dir: Path, result: dict, search: SearchSettings, settings: HealSettings, device: torch.device,
+          force: bool, progress: bool) -> dict:
     healed_dir, checkpoint_dir = result_dir / HEALED, result_dir / CHECKPOINT
     if force:
         for stale in (healed_dir, checkpoint_dir):

@@ -23,14 +23,17 @@ settings, stored in the study: ``worker_fitness`` is what each of them runs.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import shutil
+import socket
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -101,26 +104,52 @@ def default_storage(out: Path) -> str:
     return str((out / "study.journal").resolve())
 
 
+LOCK = ".lock"  # in a run folder: who works in it (`folder_lock`)
+
+
+@contextmanager
+def folder_lock(folder: Path, name: str | None = None):
+    """Hold `folder` (which exists) for this process: a second search, resume or heal there is refused
+    in one line, where it would otherwise break the first's study and files. An OS lock on
+    ``folder/.lock`` (flock), so it ends with the process however that ends; the file says who holds
+    it. The file stays: deleted, another process could lock a new one while a third still holds the old."""
+    with open(folder / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise EvosearchError(f"{name or folder} is in use by {holder}; wait for it to end, or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield
+
+
+def _entries(out: Path) -> list[Path]:
+    """What a run folder holds, its lock file aside."""
+    return [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+
+
 def prepare_output(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a finished or interrupted search unless told to."""
-    if out.exists() and any(out.iterdir()):
+    """Refuse to overwrite a finished or interrupted search unless told to (`out` is locked)."""
+    if _entries(out):
         finished = (out / "result.json").exists()
         if force:
-            shutil.rmtree(out)
+            for entry in _entries(out):  # all but the lock, which this process holds
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         elif not resume:
             what = "a finished search" if finished else "an interrupted search or other files"
             raise EvosearchError(f"--out {out} already holds {what}; pass --resume to continue it or --force to "
                                  f"start over")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = False, force: bool = False,
                progress: bool = True, remote: bool = False) -> dict:
     """Run the search that `settings` describe into `out`. With ``settings.workers``, start
     that many local workers, or with `remote` wait for as many ``evosearch worker``
-    processes started elsewhere."""
-    from evosearch.recipe import Recipe  # the recipe module builds on SearchSettings
-
+    processes started elsewhere. `out` is locked while it runs (`folder_lock`)."""
     if settings.workers and not settings.storage:
         raise EvosearchError("--workers needs --storage that workers can share: a journal file (path ending in "
                              ".journal) on one host, or postgresql://... across hosts")
@@ -128,7 +157,15 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     out = Path(out)
     if settings.storage:
         _reach_storage(settings, out)
-    prepare_output(out, resume, force)
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, f"--out {out}"):  # before --force deletes anything
+        prepare_output(out, resume, force)
+        return _run_search(settings, out, resume, progress, remote)
+
+
+def _run_search(settings: SearchSettings, out: Path, resume: bool, progress: bool, remote: bool) -> dict:
+    from evosearch.recipe import Recipe  # the recipe module builds on SearchSettings
+
     recipe = Recipe.from_settings(settings, out)
     # A resumed run keeps the files of the run it continues until it finishes: were these settings
     # refused (another seed, say), the folder would otherwise describe a search it does not hold.
