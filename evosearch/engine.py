@@ -481,7 +481,7 @@ def _check_study(study: optuna.Study, settings: dict, resume: bool) -> None:
     if stored is None:
         raise EvosearchError(f"study {study.study_name!r} was not made by evosearch.search; choose another study_name")
     for key in settings:
-        if key != "evosearch" and stored.get(key) != settings[key]:
+        if key != "evosearch" and _path_setting(key, stored.get(key)) != _path_setting(key, settings[key]):
             raise EvosearchError(
                 f"cannot resume study {study.study_name!r}: it was run with {key}={stored.get(key)!r}, "
                 f"this call has {key}={settings[key]!r} (use the same settings, or a new study_name)"
@@ -490,6 +490,14 @@ def _check_study(study: optuna.Study, settings: dict, resume: bool) -> None:
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)
     logger.info("resuming study %r: %d trials, %d left RUNNING marked FAIL", study.study_name, len(trials), len(stale))
+
+
+def _path_setting(key: str, value: Any) -> Any:
+    """A stored setting as far as it fixes the search's path: EvoPress's generations only say where
+    it stops (each generation's random stream is its own), so a resume may run longer."""
+    if key == "sampler_options" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "generations"}
+    return value
 
 
 @contextmanager

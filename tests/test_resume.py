@@ -137,3 +137,18 @@ def test_pruned_trials_have_no_value_and_keep_their_reports(tmp_path):
     done = len(calls)
     again = search(problem.space, fitness, problem.budget, n_trials=25, resume=True, **args)
     assert len(calls) == done and again.best == first.best and again.n_evaluations == first.n_evaluations
+
+
+def test_a_resume_may_run_more_generations(tmp_path):
+    """Each generation draws from a stream of its own, so a run of 2 generations resumed for 4 is a run of 4."""
+    problem = evopress_shaped({"blocks": (8, 1)})
+    args = (problem.space, problem.fitness, problem.budget)
+    storage = str(tmp_path / "s.journal")
+    options = {"offspring": 4}
+    search(*args, storage=storage, study_name="s", sampler_options=options | {"generations": 2}, progress=False)
+    longer = search(*args, storage=storage, study_name="s", resume=True, sampler_options=options | {"generations": 4},
+                    progress=False)
+    once = search(*args, sampler_options=options | {"generations": 4}, progress=False)
+    assert (longer.best, longer.n_evaluations) == (once.best, once.n_evaluations)
+    with pytest.raises(EvosearchError, match="it was run with sampler_options={'offspring': 4, 'generations': 2}"):
+        search(*args, storage=storage, study_name="s", resume=True, sampler_options={"offspring": 5}, progress=False)
