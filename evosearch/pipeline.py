@@ -14,6 +14,7 @@ winner in place, measures it against the dense model and writes ``out/``:
     model/         the compressed model (``save_pretrained``) and its tokenizer
     study.journal  every evaluated candidate (an Optuna study in a journal file; ``--resume``
                    continues it; earlier searches kept it in study.db, which is still read)
+    .lock          held by the process that works in the folder (`folder_lock`)
 
 ``SearchSettings`` is the whole run as data, so a run is reproducible from its
 ``result.json`` alone (``evosearch run DIR/result.json``). With ``workers`` the candidates
@@ -37,6 +38,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
+import optuna
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,7 +46,7 @@ from evosearch import __version__, assets, subnetwork
 from evosearch.candidate import CandidateModel
 from evosearch.compression import (CompressionSpace, QuantizationSpace, SearchProblem, SparsityQuantSpace, WidthSpace,
                                    parse_quant_key)
-from evosearch.data import load_corpus
+from evosearch.data import DEFAULT_CORPUS, load_corpus
 from evosearch.database.build import build_database
 from evosearch.database.quantization import distinct_per_group, packed_bytes
 from evosearch.database.store import Database
@@ -127,22 +129,110 @@ def folder_lock(folder: Path, name: str | None = None):
         yield
 
 
+def folder_study(out: Path) -> str | None:
+    """The study a search wrote in `out`, where the search keeps it (``default_storage``), if any."""
+    written = (out / "study.journal").exists() or (out / "study.db").exists()
+    return default_storage(out) if written else None
+
+
 def _entries(out: Path) -> list[Path]:
     """What a run folder holds, its lock file aside."""
     return [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
 
 
-def prepare_output(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a finished or interrupted search unless told to (`out` is locked)."""
-    if _entries(out):
-        finished = (out / "result.json").exists()
-        if force:
-            for entry in _entries(out):  # all but the lock, which this process holds
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-        elif not resume:
-            what = "a finished search" if finished else "an interrupted search or other files"
+RUN_FILES = {"recipe.yaml", "space.yaml", "study.journal", "study.db"}  # what a run writes before it evaluates
+
+
+def _evaluated(out: Path) -> bool:
+    """Whether `out` holds a search that evaluated something: a result, or trials in its study (in the
+    folder, or in the journal file its recipe names). A study in a database counts, unread: the
+    engine checks what it holds."""
+    from evosearch.recipe import Recipe  # the recipe module builds on SearchSettings
+
+    if (out / "result.json").exists():
+        return True
+    try:
+        named = Recipe.load(out / "recipe.yaml").storage if (out / "recipe.yaml").exists() else None
+        if named is None:
+            storage = folder_study(out)
+        elif journal_path(named) is not None:  # a file, here or elsewhere: read it if it was written
+            storage = named if Path(journal_path(named)).exists() else None
+        else:
+            return True  # a database: what its study holds is for the engine to check
+        return storage is not None and any(
+            s.n_trials for s in optuna.get_all_study_summaries(_storage(storage), include_best_trial=False))
+    except Exception:  # a recipe or study this version cannot read is not to be replaced as if empty
+        return True
+
+
+def prepare_output(out: Path, settings: SearchSettings, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a finished or interrupted search unless told to, and to resume one that is
+    not there or was searched otherwise. `out` exists and is locked."""
+    entries = _entries(out)
+    if resume:
+        if not _evaluated(out):
+            raise EvosearchError(f"--out {out} holds no search to resume; drop --resume to start one")
+        _check_resumable(out, settings)
+        return
+    if entries and not force:
+        if {e.name for e in entries} <= RUN_FILES and not _evaluated(out):
+            # A run that failed before its first evaluation (a model that would not load, say) left
+            # only these: nothing is lost when they go, and the same command simply starts again.
+            log.info("--out %s holds the files of a run that evaluated nothing (%s); replacing them", out,
+                     ", ".join(sorted(e.name for e in entries)))
+        else:
+            what = "a finished search" if (out / "result.json").exists() else "an interrupted search or other files"
             raise EvosearchError(f"--out {out} already holds {what}; pass --resume to continue it or --force to "
                                  f"start over")
+    for entry in entries:  # all but the lock, which this process holds
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+# Settings a resumed run may change, as they leave its result as it was: how long it runs (trials,
+# generations: resuming to run longer is the point; a shorter run reports the best the study holds),
+# where it runs (device, compile: the same computation on other hardware or fused, as workers on
+# devices of their own already do; workers: EvoPress takes the same path on any number of them),
+# where the database is kept (it refuses to serve another model or calibration) and which baselines
+# are reported beside it. Every other setting changes what is searched or measured.
+MAY_CHANGE_ON_RESUME = {"trials", "generations", "device", "compile", "workers", "database", "baselines"}
+
+
+def _check_resumable(out: Path, settings: SearchSettings) -> None:
+    """Refuse to resume with settings other than the folder's recipe, before anything is loaded."""
+    from evosearch.recipe import Recipe  # the recipe module builds on SearchSettings
+
+    written = next((out / n for n in ("recipe.yaml", "result.json") if (out / n).exists()), None)
+    if written is None:
+        return  # a folder from before recipes: the engine compares the settings its study stored
+    before = Recipe.load(written).settings
+    for field in [f for f in SearchSettings.model_fields if f not in MAY_CHANGE_ON_RESUME]:
+        was, now = (_comparable(field, getattr(s, field), out) for s in (before, settings))
+        if was != now:
+            option = {"sampler_options": "sampler options (--offspring, recipe sampler_options)",
+                      "budget_resource": "--budget RESOURCE=..."}.get(field, "--" + field.replace("_", "-"))
+            raise EvosearchError(f"--resume: {out} was searched with {field} {_shown(was)}, this command has "
+                                 f"{_shown(now)}; use the same {option} or a new --out")
+
+
+def _comparable(field: str, value, out: Path):
+    """A setting as it matters: what None stands for, and a path whatever way it is spelled."""
+    if field == "storage":
+        value = value or default_storage(out)
+        value = journal_path(value) or value
+    elif value is None and field in ("model", "corpus"):
+        return assets.DEFAULT_MODEL if field == "model" else DEFAULT_CORPUS
+    if isinstance(value, str) and "://" not in value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
+
+
+def _shown(value) -> str:
+    """A setting in a message: 0.5, [512, 2048], {"offspring": 4}, unset."""
+    if value is None:
+        return "unset"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = False, force: bool = False,
@@ -153,13 +243,19 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     if settings.workers and not settings.storage:
         raise EvosearchError("--workers needs --storage that workers can share: a journal file (path ending in "
                              ".journal) on one host, or postgresql://... across hosts")
+    if resume and force:
+        raise EvosearchError("--resume and --force: pass one (--resume continues the search in --out, --force "
+                             "starts it over)")
     resolve_device(settings.device)  # before anything in `out` is written or deleted
     out = Path(out)
     if settings.storage:
         _reach_storage(settings, out)
+    if resume and not out.is_dir():
+        raise EvosearchError(f"--out {out} holds no search to resume (there is no such folder); drop --resume "
+                             f"to start one")
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out, f"--out {out}"):  # before --force deletes anything
-        prepare_output(out, resume, force)
+        prepare_output(out, settings, resume, force)
         return _run_search(settings, out, resume, progress, remote)
 
 

@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 
 from evosearch.engine import _storage as open_storage  # a storage URL or journal file, read as the engine reads it
 from evosearch.errors import EvosearchError
-from evosearch.pipeline import default_storage
+from evosearch.pipeline import folder_study
 from evosearch.recipe import Recipe
 from evosearch.space import Space
 
@@ -63,7 +63,7 @@ def _read_run(folder: str | Path) -> tuple[dict, History | None]:
         raise EvosearchError(f"{folder} is not a folder; pass the --out folder of a search")
     result = _read_json(folder / "result.json")
     recipe = result.get("recipe") if result else _read_recipe(folder / "recipe.yaml")
-    storage = (recipe or {}).get("storage") or _study_file(folder)
+    storage = (recipe or {}).get("storage") or folder_study(folder)
     if result is None and storage is None:
         raise EvosearchError(f"{folder} holds no result.json and no study.journal: it is not a search folder")
     history = read_history(storage, (result or {}).get("search", {}).get("study")) if storage else None
@@ -99,12 +99,6 @@ def _read_json(path: Path) -> dict | None:
 
 def _read_recipe(path: Path) -> dict | None:
     return Recipe.load(path).model_dump(mode="json") if path.exists() else None
-
-
-def _study_file(folder: Path) -> str | None:
-    """The study a search wrote in ``folder``, where the search keeps it (``default_storage``), if any."""
-    written = (folder / "study.journal").exists() or (folder / "study.db").exists()
-    return default_storage(folder) if written else None
 
 
 def _resume_command(folder: Path, recipe: dict | None) -> str:

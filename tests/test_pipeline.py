@@ -137,17 +137,16 @@ def test_width_search_exports_the_sub_network_it_reports(tmp_path, tiny_model_di
 
 
 def test_a_search_folder_keeps_its_study_in_a_journal_file_or_an_earlier_study_db(tmp_path):
-    from evosearch.pipeline import default_storage
-    from evosearch.report import _study_file
+    from evosearch.pipeline import default_storage, folder_study
 
     new, old = tmp_path / "new", tmp_path / "old"
     new.mkdir(), old.mkdir()
     (old / "study.db").touch()  # a search started before the journal file: resumed where it is
     assert default_storage(new) == str(new.resolve() / "study.journal")
     assert default_storage(old) == f"sqlite:///{old.resolve() / 'study.db'}"
-    assert _study_file(new) is None
+    assert folder_study(new) is None
     (new / "study.journal").touch()
-    assert _study_file(new) == default_storage(new) and _study_file(old) == default_storage(old)
+    assert folder_study(new) == default_storage(new) and folder_study(old) == default_storage(old)
 
 
 HOLD = """
