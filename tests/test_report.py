@@ -263,6 +263,8 @@ def test_a_run_that_evaluated_nothing_is_started_again(checkpoint, tmp_path, mon
     from evosearch import pipeline
 
     out = tmp_path / "run"
+    with pytest.raises(EvosearchError, match="--resume and --force: pass one"):
+        run_search(settings(checkpoint), out, resume=True, force=True, progress=False)
     assert main(["search", "sparsity", "--budget", "0.5", "--out", str(out), "--resume"]) == 2
     assert capsys.readouterr().err == (f"evosearch: error: --out {out} holds no search to resume (there is no such "
                                        f"folder); drop --resume to start one\n")
