@@ -333,7 +333,7 @@ def run_worker(storage: str, study_name: str, *, factory: str = DEFAULT_FACTORY,
                 continue
             delay = 0.002
             done += _evaluate(store, *claimed, call, me, attrs["heartbeat"], stop)
-            idle_since = time.monotonic()
+            idle_since, trials = time.monotonic(), store.get_n_trials(study_id)
         logger.info("worker %s stopped; %d evaluations done here", me, done)
         return done
 
