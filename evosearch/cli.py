@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fitness", default=None,
                    help="module:function that builds the fitness from the options the search stored "
                         "(default: the model search's, evosearch.pipeline:worker_fitness)")
+    p.add_argument("--wait", type=float, default=600, metavar="SECONDS",
+                   help="give up when the study has not appeared after this long, or when its search queued "
+                        "nothing this long without finishing (default 600); a finished search ends a worker at once")
     p.set_defaults(run=cmd_worker)
 
     p = commands.add_parser("run", help="run (or resume) the search a recipe describes")
@@ -386,10 +389,11 @@ def cmd_profile(args) -> int:
     import torch
 
     from evosearch import hardware
-    from evosearch.model import load_model, model_fingerprint
+    from evosearch.model import load_model, model_fingerprint, resolve_device
 
     for field in ("batch", "prompt", "new_tokens"):
         _positive(field.replace("_", "-"), getattr(args, field))
+    resolve_device(args.target, field="--target")
     if args.threads is not None:
         torch.set_num_threads(_positive("threads", args.threads))
     model, _ = load_model(args.model, device=args.target, dtype=args.dtype)
@@ -448,11 +452,17 @@ def cmd_heal(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    from evosearch.model import resolve_device
     from evosearch.workers import DEFAULT_FACTORY, run_worker
+
+    if args.wait <= 0:
+        raise EvosearchError(f"--wait must be a positive number of seconds, got {args.wait:g}")
+    if args.device is not None:
+        resolve_device(args.device)  # before waiting for the search, not when its model loads
 
     for handler in log.handlers:
         handler.setFormatter(logging.Formatter(f"[evosearch worker {os.getpid()}] %(message)s"))
-    run_worker(args.storage, args.study, factory=args.fitness or DEFAULT_FACTORY, device=args.device)
+    run_worker(args.storage, args.study, factory=args.fitness or DEFAULT_FACTORY, device=args.device, wait=args.wait)
     return 0
 
 

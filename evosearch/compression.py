@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator
 
-from evosearch.errors import EvosearchError
+from evosearch.errors import EvosearchError, first_problem
 from evosearch.kinds import Compression, parse_kind
 from evosearch.problem import BudgetSpec, SearchProblem
 from evosearch.units import Architecture
@@ -68,10 +68,7 @@ class CompressionSpace(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"])
-            message = error["msg"].removeprefix("Value error, ")
-            raise EvosearchError(f"{source}: {where}: {message}") from None
+            raise EvosearchError(f"{source}: {first_problem(exc)}") from None
 
     def materialize(self, arch: Architecture, budget_value: float | None) -> SearchProblem:
         """The search problem for one model and budget value; ``None``: the problem's units and levels

@@ -4,8 +4,9 @@ Every evaluated candidate is a trial of an Optuna study, so a search can be
 inspected with plain Optuna, shared through its storage and resumed. Multi-fidelity
 evaluation maps onto Optuna's own concepts: a candidate's score at a fidelity is
 ``trial.report(value, step=fidelity)``; a candidate dropped between selection stages
-is PRUNED; one that reaches the last stage is COMPLETE with its value there; a NaN or
-infinite score marks the trial FAIL and the candidate loses. Each trial stores the
+is PRUNED, with no value (its scores are its reports); one that reaches the last stage is
+COMPLETE with its value there; a NaN or infinite score marks the trial FAIL and the
+candidate loses. Each trial stores the
 evaluated assignment, its usage of each budget and whether it meets them all as user
 attributes. A trial whose assignment breaks a budget (only the `dp` baseline's
 single-unit probes do) also carries Optuna constraints (``trial.set_constraint``,
@@ -47,6 +48,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -213,7 +215,7 @@ class Evaluator:
         """Close the open trials of candidates dropped by selection."""
         for key in map(self.key, assignments):
             if key in self._open:
-                self.study.tell(self._open.pop(key), state=TrialState.PRUNED)
+                self._close(self._open.pop(key), TrialState.PRUNED)
 
     def complete(self, assignments: list[Assignment], fidelity: int) -> None:
         """Close the open trials of candidates that reached the last stage, with their value there."""
@@ -235,8 +237,17 @@ class Evaluator:
     def close(self, state: TrialState) -> None:
         """Close every open trial with `state` (when the search stops or is interrupted)."""
         for trial in self._open.values():
-            self.study.tell(trial, state=state)
+            self._close(trial, state)
         self._open.clear()
+
+    def _close(self, trial: optuna.Trial, state: TrialState) -> None:
+        """Finish a trial with no value. ``Study.tell(trial, state=PRUNED)`` would make its last report its
+        value, and plain Optuna readers (optuna-dashboard) then plot a candidate dropped at a low fidelity,
+        scored on fewer tokens, as better than the best. Its reports stay: resume reads them. Optuna has
+        no public call for this; this is what tell does, less that value."""
+        frozen = self.study._storage.get_trial(trial._trial_id)
+        self.study.sampler.after_trial(self.study, frozen, state, None)  # what tell does before storing
+        self.study._storage.set_trial_state_values(trial._trial_id, state, None)
 
 
 def fidelities_of(fitness: Fitness) -> list[int]:
@@ -319,6 +330,7 @@ class History(BaseModel):
     sampler: str
     tradeoff: dict | None = None  # a multi-objective search's second objective: {"label", "direction"}
     points: list[Point]  # complete feasible candidates at the highest fidelity any reached, in completion order
+    runs: list[float] = []  # seconds of each run of the search (``_add_run``), interrupted ones too
 
     @property
     def best(self) -> Point | None:
@@ -369,7 +381,7 @@ def history(study: optuna.Study) -> History:
     top = max((p.fidelity for p in points), default=0)
     return History(name=study.study_name, states=states, evaluations=len(seen), budgets=settings.get("budgets", []),
                    sampler=settings.get("sampler", "?"), tradeoff=_tradeoff(study, settings),
-                   points=[p for p in points if p.fidelity == top])
+                   points=[p for p in points if p.fidelity == top], runs=study.user_attrs.get("runs", []))
 
 
 def _tradeoff(study: optuna.Study, settings: dict) -> dict | None:
@@ -394,6 +406,7 @@ class SearchResult(BaseModel):
     study_name: str
     settings: dict[str, Any]
     wall_time: float  # seconds spent in this call
+    runs: list[float] = []  # seconds of each call on this study so far (interrupted ones too), this one last
 
 
 def search(
@@ -485,6 +498,7 @@ def search(
         evaluator.close(TrialState.PRUNED)
     except KeyboardInterrupt:
         evaluator.close(TrialState.FAIL)
+        _add_run(study, started)
         if storage is None:
             logger.warning("search interrupted; this in-memory study is lost (pass storage=... to make it resumable)")
         else:
@@ -496,22 +510,63 @@ def search(
         raise
     finally:
         bar.close()
-    return _result(study, space, evaluator, settings, time.perf_counter() - started)
+    runs = _add_run(study, started)
+    return _result(study, space, evaluator, settings, time.perf_counter() - started, runs)
 
 
-def _storage(storage: str | BaseStorage | None) -> str | BaseStorage | None:
+def _add_run(study: optuna.Study, started: float) -> list[float]:
+    """Add this run's seconds to the study's ``runs`` (a user attribute): what a search took is the
+    sum over the runs of it, which a resumed one would otherwise not know."""
+    runs = [*study.user_attrs.get("runs", []), round(time.perf_counter() - started, 3)]
+    study.set_user_attr("runs", runs)
+    return runs
+
+
+def journal_path(storage: str) -> str | None:
+    """The file of a journal storage (a path ending in .log or .journal, or 'journal:path'); None for a URL."""
+    if storage.startswith("journal:"):
+        return storage[len("journal:") :]
+    return storage if storage.endswith((".log", ".journal")) else None
+
+
+def _storage(storage: str | BaseStorage | None) -> BaseStorage | None:
+    """The storage `storage` names, opened: a database server out of reach, or a journal file in a
+    folder that does not exist, fails here in one line instead of a traceback from the first read."""
     if not isinstance(storage, str):
         return storage
-    if storage.startswith("journal:"):
-        return JournalStorage(JournalFileBackend(storage[len("journal:") :]))
-    if storage.endswith((".log", ".journal")):
-        return JournalStorage(JournalFileBackend(storage))
+    journal = journal_path(storage)
+    if journal is not None:
+        try:
+            return JournalStorage(JournalFileBackend(journal))
+        except OSError as exc:
+            folder = Path(journal).parent
+            why = f"its folder {folder} does not exist" if not folder.is_dir() else exc.strerror
+            raise EvosearchError(f"storage {storage}: cannot open the journal file ({why}); check the path") from None
     if "://" not in storage:
         raise EvosearchError(
             f"storage {storage!r}: give a database URL (sqlite:///path.db), a journal file "
             f"(path ending in .log or .journal, or 'journal:path'), or None"
         )
-    return storage
+    try:
+        return optuna.storages.get_storage(storage)  # what optuna.create_study makes of a URL
+    except Exception as exc:  # SQLAlchemy's errors (server, URL), or the ImportError of a missing driver
+        raise EvosearchError(_unopened(storage, exc)) from None
+
+
+def _unopened(url: str, exc: Exception) -> str:
+    """Why the database at `url` could not be opened, on one line (its password hidden)."""
+    import sqlalchemy
+
+    reason = (str(getattr(exc, "orig", None) or exc).strip() or type(exc).__name__).splitlines()[0]
+    try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not even a URL: SQLAlchemy's reason says so
+        shown = url
+    if url.startswith("sqlite"):
+        return f"storage {shown}: cannot open the SQLite file ({reason}); check that its folder exists"
+    if isinstance(exc, sqlalchemy.exc.OperationalError):
+        return f"storage: cannot reach the database server at {shown} ({reason}); check the URL, or start the server"
+    return f"storage {shown}: Optuna cannot open this database URL ({reason}); e.g. postgresql://user@host/db"
 
 
 def _check_study(study: optuna.Study, settings: dict, resume: bool) -> None:
@@ -528,7 +583,7 @@ def _check_study(study: optuna.Study, settings: dict, resume: bool) -> None:
     if stored is None:
         raise EvosearchError(f"study {study.study_name!r} was not made by evosearch.search; choose another study_name")
     for key in settings:
-        if key != "evosearch" and stored.get(key) != settings[key]:
+        if key != "evosearch" and _path_setting(key, stored.get(key)) != _path_setting(key, settings[key]):
             raise EvosearchError(
                 f"cannot resume study {study.study_name!r}: it was run with {key}={stored.get(key)!r}, "
                 f"this call has {key}={settings[key]!r} (use the same settings, or a new study_name)"
@@ -537,6 +592,14 @@ def _check_study(study: optuna.Study, settings: dict, resume: bool) -> None:
     for trial in stale:
         study.tell(trial.number, state=TrialState.FAIL)
     logger.info("resuming study %r: %d trials, %d left RUNNING marked FAIL", study.study_name, len(trials), len(stale))
+
+
+def _path_setting(key: str, value: Any) -> Any:
+    """A stored setting as far as it fixes the search's path: EvoPress's generations only say where
+    it stops (each generation's random stream is its own), so a resume may run longer."""
+    if key == "sampler_options" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if k != "generations"}
+    return value
 
 
 @contextmanager
@@ -550,7 +613,8 @@ def _quiet_optuna():
         optuna.logging.set_verbosity(verbosity)
 
 
-def _result(study: optuna.Study, space: Space, evaluator: Evaluator, settings: dict, wall_time: float) -> SearchResult:
+def _result(study: optuna.Study, space: Space, evaluator: Evaluator, settings: dict, wall_time: float,
+            runs: list[float]) -> SearchResult:
     records = [TrialRecord(number=t.number, state=t.state.name, assignment=t.user_attrs.get("assignment"),
                            value=t.values[0] if t.state == TrialState.COMPLETE else None,
                            fidelity=t.user_attrs.get("fidelity") if t.state == TrialState.COMPLETE else None,
@@ -576,4 +640,5 @@ def _result(study: optuna.Study, space: Space, evaluator: Evaluator, settings: d
         study_name=study.study_name,
         settings=settings,
         wall_time=wall_time,
+        runs=runs,
     )

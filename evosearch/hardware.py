@@ -44,11 +44,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
 from evosearch import assets
-from evosearch.errors import EvosearchError
+from evosearch.errors import EvosearchError, first_problem
 from evosearch.kinds import Drop, Level, level_from_name
 from evosearch.layouts import dense_bytes
 from evosearch.problem import SearchProblem
@@ -101,8 +101,9 @@ class HardwareTable(BaseModel):
             raise EvosearchError(f"hardware table {path} does not exist; make one with `evosearch profile`")
         try:
             return cls.model_validate_json(path.read_text())
-        except ValueError as exc:
-            raise EvosearchError(f"{path} is not a hardware table: {str(exc).splitlines()[0]}") from None
+        except ValidationError as exc:  # also invalid JSON
+            raise EvosearchError(f"hardware table {path}: {first_problem(exc)} ({exc.error_count()} problems in all); "
+                                 f"pass a table that `evosearch profile` wrote") from None
 
     def cost(self, unit: str, cls: Level, phase: str) -> float:
         """``phase`` (prefill_ms or decode_ms) of ``unit`` at the latency class ``cls``."""

@@ -96,7 +96,7 @@ from evosearch.errors import EvosearchError
 from evosearch.evaluate import ROWS_PER_CHUNK, hidden_size, hidden_states, logits_from_hidden, perplexity
 from evosearch.kernels import kl as kl_kernels
 from evosearch.kinds import Keep as KindKeep
-from evosearch.model import default_device, load_model, model_fingerprint, resolve_dtype
+from evosearch.model import load_model, model_fingerprint, resolve_device, resolve_dtype
 from evosearch.run import Draw, RunFolder, RunResult
 from evosearch.units import Architecture, architecture
 
@@ -453,11 +453,18 @@ def _checks(before: dict, after: dict, keep: Keep, arch: Architecture,
 # --- the job ----------------------------------------------------------------------------------
 
 def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False, progress: bool = True) -> dict:
-    """Heal the searched model of ``result_dir`` (see the module's docstring); returns the heal section."""
+    """Heal the searched model of ``result_dir`` (see the module's docstring); returns the heal section.
+    The folder is locked while it heals, as a search locks it (``RunFolder.lock``)."""
+    device = resolve_device(settings.device)  # a device this machine lacks fails before --force deletes anything
     folder = RunFolder(result_dir)
-    result_dir = folder.path
-    result = folder.read_result()
-    search = result.settings
+    folder.require_result()
+    with folder.lock():
+        return _heal(folder, folder.read_result(), settings, device, force, progress)
+
+
+def _heal(folder: RunFolder, result: RunResult, settings: HealSettings, device: torch.device, force: bool,
+          progress: bool) -> dict:
+    result_dir, search = folder.path, result.settings
     healed_dir, checkpoint_dir = result_dir / HEALED, result_dir / CHECKPOINT
     if force:
         for stale in (healed_dir, checkpoint_dir):
@@ -465,7 +472,6 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
     elif result.heal is not None and healed_dir.exists():
         raise EvosearchError(f"{result_dir} already holds a healed model ({HEALED}/); pass --force to heal again")
     clock = time.perf_counter()
-    device = torch.device(settings.device) if settings.device else default_device()
     dtype = resolve_dtype(settings.dtype or search.dtype, device)
     teacher, tokenizer = load_model(search.model, device=device, dtype=dtype)
     student, _ = load_model(result_dir / "model", device=device, dtype=dtype)

@@ -28,6 +28,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None, field: str = "--device") -> torch.device:
+    """The device `device` names (None: `default_device`), checked here once for every command: a
+    CUDA device this machine lacks is one line naming `field`, not torch's AssertionError when the
+    first tensor moves."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EvosearchError(f"{field} {device}: not a device; use cpu, cuda or cuda:N") from None
+    if resolved.type != "cuda":
+        return resolved
+    count = torch.cuda.device_count()
+    if count == 0:
+        why = (f"torch {torch.__version__} is built without CUDA" if torch.version.cuda is None and
+               torch.version.hip is None else "no CUDA device is visible")
+        raise EvosearchError(f"{field} {device}: this machine has no CUDA GPU ({why}); use {field} cpu")
+    if resolved.index is not None and resolved.index >= count:
+        gpus = "1 CUDA GPU, cuda:0" if count == 1 else f"{count} CUDA GPUs, cuda:0 to cuda:{count - 1}"
+        raise EvosearchError(f"{field} {device}: this machine has {gpus}; use one of them or {field} cpu")
+    return resolved
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """bf16 on a GPU, fp32 on a CPU (where bf16 matmuls are slow), unless told otherwise."""
     if isinstance(dtype, torch.dtype):
@@ -74,7 +97,7 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype | N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _register_exported_classes()
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     path = resolve_model_path(source)
     try:

@@ -33,12 +33,12 @@ from evosearch.compression import CompressionSpace
 from evosearch.data import Corpus, load_corpus
 from evosearch.database.build import build_database, needed_entries
 from evosearch.database.store import Database
-from evosearch.engine import search
+from evosearch.engine import _storage, journal_path, search
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
 from evosearch.kinds import Level
-from evosearch.model import load_model, model_fingerprint
+from evosearch.model import load_model, model_fingerprint, resolve_device
 from evosearch.problem import SearchProblem
 from evosearch.run import RECIPE, SPACE, BaselineRecord, BudgetRecord, Draw, RunFolder, RunResult, SearchRecord
 from evosearch.samplers import heuristics
@@ -185,7 +185,8 @@ def compress(model, tokenizer, *, space: str | Path = "sparsity", budget: float 
         parameters={"dense": sum(u.params for u in problem.model_units.values()),
                     "kept": kind.kept_parameters(arch, problem)},
         search=SearchRecord(sampler=settings.sampler, evaluations=result.n_evaluations,
-                            seconds=round(result.wall_time, 1), best_trial=result.best.trial, study=result.study_name,
+                            seconds=round(sum(result.runs), 1), runs=len(result.runs),  # resumed: all runs
+                            best_trial=result.best.trial, study=result.study_name,
                             pareto=[{"trial": c.trial, "kl": c.value, "usage": c.usage} for c in result.pareto],
                             history=[p.model_dump() for p in result.history.points]),
         draws={"database": draw.model_copy(update={"starts": _starts(corpus, draw)}),
@@ -202,29 +203,50 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
                progress: bool = True, remote: bool = False) -> RunResult:
     """Run the search that `settings` describe into `out`. With ``settings.workers``, start
     that many local workers, or with `remote` wait for as many ``evosearch worker``
-    processes started elsewhere."""
+    processes started elsewhere. `out` is locked while it runs (``RunFolder.lock``)."""
     from evosearch.recipe import Recipe  # the recipe module builds on SearchSettings
 
     if settings.workers and not settings.storage:
         raise EvosearchError("--workers needs --storage that workers can share: a journal file (path ending in "
                              ".journal) on one host, or postgresql://... across hosts")
+    if resume and force:
+        raise EvosearchError("--resume and --force: pass one (--resume continues the search in --out, --force "
+                             "starts it over)")
+    resolve_device(settings.device)  # before anything in `out` is written or deleted
     folder = RunFolder(out)
-    folder.prepare(resume, force)
-    recipe = Recipe.from_settings(settings, out)
-    # A resumed run keeps the files of the run it continues until it finishes: were these settings
-    # refused (another seed, say), the folder would otherwise describe a search it does not hold.
-    folder.write_text_once(RECIPE, recipe.to_yaml(), resume)
-    if settings.workers:
-        open_storage(settings.storage)  # refuses SQLite and reaches the server before anything is loaded
-    model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype)
-    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
-    compressed = compress(model, tokenizer, settings=settings, corpus=corpus, folder=folder, resume=resume,
-                          remote=remote, progress=progress)
-    result = compressed.result.model_copy(update={"recipe": recipe.model_dump(mode="json")})
-    compressed.result = result
-    compressed.save(folder.path)
-    folder.write_text(RECIPE, recipe.to_yaml())
-    return result
+    if settings.storage:
+        _reach_storage(settings, folder.path)
+    if resume and not folder.path.is_dir():
+        raise EvosearchError(f"--out {out} holds no search to resume (there is no such folder); drop --resume "
+                             f"to start one")
+    with folder.lock(f"--out {out}"):  # before --force deletes anything
+        folder.prepare(settings, resume, force)
+        started = time.perf_counter()
+        recipe = Recipe.from_settings(settings, out)
+        # A resumed run keeps the files of the run it continues until it finishes: were these settings
+        # refused (another seed, say), the folder would otherwise describe a search it does not hold.
+        folder.write_text_once(RECIPE, recipe.to_yaml(), resume)
+        model, tokenizer = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+        corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
+        loading = time.perf_counter() - started
+        compressed = compress(model, tokenizer, settings=settings, corpus=corpus, folder=folder, resume=resume,
+                              remote=remote, progress=progress)
+        result = compressed.result
+        timings = result.timings | {"load": round(result.timings.get("load", 0) + loading, 1)}
+        compressed.result = result.model_copy(update={"recipe": recipe.model_dump(mode="json"), "timings": timings})
+        compressed.save(folder.path)
+        folder.write_text(RECIPE, recipe.to_yaml())
+        return compressed.result
+
+
+def _reach_storage(settings: SearchSettings, out: Path) -> None:
+    """Open the run's own storage before anything is loaded or deleted, so that a server out of reach
+    or a wrong path fails at once (workers' storage: no SQLite either). A journal file in `out` is left
+    to the search: the folder may not exist yet, and an empty journal there would look like a search."""
+    journal = journal_path(settings.storage)
+    if journal is not None and Path(journal).resolve().is_relative_to(out.resolve()):
+        return
+    (open_storage if settings.workers else _storage)(settings.storage)
 
 
 def search_problem(settings: SearchSettings, spec: CompressionSpace, arch) -> tuple[SearchProblem, object]:

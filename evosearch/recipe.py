@@ -32,7 +32,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
-from evosearch.errors import EvosearchError
+from evosearch.errors import EvosearchError, first_problem
 from evosearch.settings import SearchSettings
 
 
@@ -74,11 +74,10 @@ class Recipe(SearchSettings):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            where = ".".join(str(p) for p in error["loc"]) or "recipe"
-            message = (f"unknown field; the fields are {', '.join(cls.model_fields)}"
-                       if error["type"] == "extra_forbidden" else error["msg"])
-            raise EvosearchError(f"recipe {path}: {where}: {message}") from None
+            problem = first_problem(exc)
+            if problem.endswith(": unknown field"):
+                problem += f"; the fields are {', '.join(cls.model_fields)}"
+            raise EvosearchError(f"recipe {path}: {problem}") from None
 
     def to_yaml(self) -> str:
         header = "# evosearch recipe: `evosearch run THIS_FILE` repeats the run (--out DIR to write elsewhere)\n"

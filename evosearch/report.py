@@ -111,8 +111,9 @@ def _resume_command(folder: Path, recipe: dict | None) -> str:
 
 def read_history(storage: str, study_name: str | None = None) -> History:
     """Read an evosearch study (by name, or the only study in the storage) as the engine sees it."""
+    opened = open_storage(storage)  # a server out of reach or a missing journal: one line
     try:
-        names = optuna.get_all_study_names(storage=open_storage(storage))
+        names = optuna.get_all_study_names(storage=opened)
     except Exception as exc:  # SQLAlchemy and journal readers raise many kinds of errors on a bad file
         raise EvosearchError(f"cannot read the study storage {storage}: {str(exc).splitlines()[0]}") from None
     if study_name is None:
@@ -123,7 +124,7 @@ def read_history(storage: str, study_name: str | None = None) -> History:
         study_name = evosearch_studies[0]
     elif study_name not in names:
         raise EvosearchError(f"storage {storage} has no study {study_name!r} (it has: {', '.join(names) or 'none'})")
-    return history(optuna.load_study(study_name=study_name, storage=open_storage(storage)))
+    return history(optuna.load_study(study_name=study_name, storage=opened))
 
 
 def study_summary(found: History, storage: str) -> dict:
@@ -134,6 +135,7 @@ def study_summary(found: History, storage: str) -> dict:
         "evaluations": found.evaluations, "budgets": found.budgets, "tradeoff": found.tradeoff,
         "best": None if best is None else _point_dict(best, with_assignment=True),
         "pareto": [_point_dict(p) for p in found.pareto()],
+        "runs": len(found.runs), "seconds": round(sum(found.runs), 1),
     }
 
 
@@ -162,8 +164,9 @@ def render_text(summary: dict) -> str:
         lines += _result_lines(result)
     if study:
         states = ", ".join(f"{n} {s.lower()}" for s, n in sorted(study["trials"].items()))
+        runs = f"; {_runs(study['seconds'], study['runs'])} of search" if study.get("runs") else ""
         lines.append(f"study {study['name']} in {study['storage']}: {study['evaluations']} fitness evaluations; "
-                     f"trials {states}")
+                     f"trials {states}{runs}")
         best = study["best"]
         if not result and best:
             usage = ", ".join(f"{k} {v:.4f}" for k, v in best["usage"].items())
@@ -232,10 +235,17 @@ def _result_lines(result: dict) -> list[str]:
         lines += ["", heal_summary(result["heal"])]
     timings = result.get("timings")
     if search:
-        stages = f" (seconds per stage: {', '.join(f'{k} {v:.0f}' for k, v in timings.items())})" if timings else ""
+        runs = search.get("runs", 1)
+        which = "the last run's seconds" if runs > 1 else "seconds"  # the stages of the run that wrote result.json
+        stages = f" ({which} per stage: {', '.join(f'{k} {v:.0f}' for k, v in timings.items())})" if timings else ""
         lines.append(f"search: {search.get('evaluations')} evaluations, best trial {search.get('best_trial')}; "
-                     f"{search.get('seconds', 0):.0f} s{stages}")
+                     f"{_runs(search.get('seconds', 0), runs)}{stages}")
     return lines
+
+
+def _runs(seconds: float, runs: int) -> str:
+    """``95 s`` or, for a resumed search, ``95 s over 3 runs``."""
+    return f"{seconds:.0f} s" + (f" over {runs} runs" if runs > 1 else "")
 
 
 def _fmt(value, fmt: str) -> str:

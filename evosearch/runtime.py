@@ -82,12 +82,12 @@ def load_exported(folder: str | Path, *, device: str | torch.device | None = Non
     semi-structured sparse tensors where the GPU runs them (``semi_structured=False`` keeps them dense)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from evosearch.model import default_device
+    from evosearch.model import resolve_device
     from evosearch.modeling_evosearch import EvosearchLlamaConfig, EvosearchLlamaForCausalLM
 
     folder = Path(folder)
     record = read_record(folder)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     config_data = json.loads((folder / "config.json").read_text())
     config_data.pop("quantization_config", None)
     config_data.pop("auto_map", None)

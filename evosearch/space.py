@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from evosearch.errors import EvosearchError
+from evosearch.errors import EvosearchError, first_problem
 
 Level = int | float | str
 Assignment = dict[str, Level]
@@ -199,9 +199,7 @@ class Space(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"])
-            raise EvosearchError(f"{source}: {field}: {err['msg']}") from None
+            raise EvosearchError(f"{source}: {first_problem(e)}") from None
 
 
 class Budget(BaseModel):

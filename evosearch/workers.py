@@ -62,7 +62,7 @@ from typing import Any, Callable
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import BaseStorage, RDBStorage, _CachedStorage
+from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from evosearch.engine import _quiet_optuna, _storage, as_fitness, fidelities_of
@@ -82,15 +82,12 @@ def evaluations_study(study_name: str) -> str:
 
 def open_storage(storage: str) -> BaseStorage:
     """A storage that workers and a driver can share: a journal file or a database server."""
-    opened = _storage(storage)
-    if isinstance(opened, str):
-        if opened.startswith("sqlite"):
-            raise EvosearchError(
-                f"storage {storage!r}: SQLite is a storage for one process; workers need a journal file "
-                f"(a path ending in .journal, on one host) or a database server (postgresql://...)"
-            )
-        opened = _CachedStorage(RDBStorage(opened))  # what optuna.create_study makes of a URL
-    return opened
+    if storage.startswith("sqlite"):
+        raise EvosearchError(
+            f"storage {storage!r}: SQLite is a storage for one process; workers need a journal file "
+            f"(a path ending in .journal, on one host) or a database server (postgresql://...)"
+        )
+    return _storage(storage)
 
 
 def _key(assignment: Assignment, fidelity: int | None) -> tuple[str, int | None]:
@@ -283,20 +280,29 @@ def load_factory(spec: str) -> Callable[[dict, str | None], Callable]:
         raise EvosearchError(f"--fitness {spec!r}: give module:function of an importable factory ({exc})") from None
 
 
-def run_worker(storage: str, study_name: str, *, factory: str = DEFAULT_FACTORY, device: str | None = None) -> int:
+def run_worker(storage: str, study_name: str, *, factory: str = DEFAULT_FACTORY, device: str | None = None,
+               wait: float = 600.0) -> int:
     """Evaluate the search's queued evaluations until it is finished or this process is told to
     stop (SIGINT, SIGTERM); returns how many this worker did.
 
     The fitness is ``factory(options, device)`` with the options the driver stored. A
-    worker waits for the search to start, so workers and driver can start in any order.
-    It handles SIGINT and SIGTERM, so it runs in the main thread of its process.
+    worker waits for the search to start, so workers and driver can start in any order, but
+    not forever: it gives up (`EvosearchError`) when the study has not appeared after `wait`
+    seconds, or when for `wait` seconds nothing was queued and nobody evaluated while the
+    search is not finished (a mistyped ``--study``, a driver that died). For a finished
+    search it returns at once, before the fitness is built: nothing is wrong, there is only
+    nothing left to do. It handles SIGINT and SIGTERM, so it runs in the main thread of its process.
     """
     with _Stop() as stop:
         store = open_storage(storage)
-        study_id = _wait_for_study(store, evaluations_study(study_name), stop)
+        study_id = _wait_for_study(store, study_name, storage, wait, stop)
         if study_id is None:
             return 0
         attrs = store.get_study_user_attrs(study_id)
+        if attrs.get("finished"):
+            logger.info("study %r in %s is finished: nothing to evaluate (for a search resumed on it, start "
+                        "workers once it runs)", study_name, storage)
+            return 0
         with stop.interrupting():  # loading a model can take a while
             fitness = as_fitness(load_factory(factory)(attrs["options"], device))
         if fidelities_of(fitness) != (attrs["fidelities"] or [0]):
@@ -307,19 +313,29 @@ def run_worker(storage: str, study_name: str, *, factory: str = DEFAULT_FACTORY,
         def call(assignments, fidelity):
             return list(fitness.evaluate_batch(assignments, fidelity if multi else None))
         me = f"{socket.gethostname()}:{os.getpid()}" + (f":{device}" if device else "")
-        logger.info("worker %s evaluating for study %r", me, study_name)
+        logger.info("worker %s evaluating for study %r in %s", me, study_name, storage)
         done, delay = 0, 0.002
+        idle_since, trials = time.monotonic(), store.get_n_trials(study_id)
         while not stop.requested:
             claimed = _claim(store, study_id)
             if claimed is None:
                 if store.get_study_user_attrs(study_id).get("finished"):
                     logger.info("worker %s: the search is finished; %d evaluations done here", me, done)
                     return done
+                if time.monotonic() - idle_since > wait:
+                    # Idle is fine while the search lives: other workers evaluate, or it queues more.
+                    now = store.get_n_trials(study_id)
+                    if now == trials and not store.get_n_trials(study_id, TrialState.RUNNING):
+                        raise EvosearchError(
+                            f"--study {study_name}: its search queued nothing for {wait:g} s and has not finished "
+                            f"(stopped? resume it and start workers again, or give a longer --wait)")
+                    idle_since, trials = time.monotonic(), now
                 time.sleep(delay)
                 delay = min(2 * delay, POLL)
                 continue
             delay = 0.002
             done += _evaluate(store, *claimed, call, me, attrs["heartbeat"], stop)
+            idle_since, trials = time.monotonic(), store.get_n_trials(study_id)
         logger.info("worker %s stopped; %d evaluations done here", me, done)
         return done
 
@@ -357,16 +373,20 @@ class _Stop:
             self._interruptible = False
 
 
-def _wait_for_study(store: BaseStorage, name: str, stop: _Stop) -> int | None:
-    announced = False
+def _wait_for_study(store: BaseStorage, study_name: str, storage: str, wait: float, stop: _Stop) -> int | None:
+    """The id of the search's evaluations study, once the search has made it (None: told to stop)."""
+    name, announced, end = evaluations_study(study_name), False, time.monotonic() + wait
     while not stop.requested:
         try:
             return store.get_study_id_from_name(name)
         except KeyError:
+            if time.monotonic() > end:
+                raise EvosearchError(f"--study {study_name}: no such search in {storage} after {wait:g} s; check "
+                                     f"--study and --storage (the search logs both), or give a longer --wait") from None
             if not announced:
-                logger.info("waiting for study %r to be created by the search", name)
+                logger.info("waiting up to %g s for the search of study %r to start in %s", wait, study_name, storage)
                 announced = True
-            time.sleep(1.0)
+            time.sleep(min(1.0, wait))
     return None
 
 

@@ -131,3 +131,15 @@ def test_profile_times_every_unit_of_an_opt_model():
     assert set(table.units) == {u.name for u in arch.units()}
     assert all(cost["decode_ms"] > 0 for unit in table.units.values() for cost in unit.values())
     assert set(table.base) == {"block", "attention+mlp", "linear"}
+def test_a_file_that_is_not_a_table_names_its_first_problem(tmp_path):
+    path = tmp_path / "table.json"
+    path.write_text('{"target": "cpu", "device": "x"}')  # JSON, but 8 fields short of a table
+    with pytest.raises(EvosearchError, match=r"^hardware table .*table.json: dtype: Field required \(8 problems in all\); "
+                                             r"pass a table that `evosearch profile` wrote$"):
+        HardwareTable.load(path)
+    path.write_text('{"targt": "cpu"}')
+    with pytest.raises(EvosearchError, match=r"table.json: targt: unknown field \(11 problems"):
+        HardwareTable.load(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(EvosearchError, match=r"table.json: Input should be an object"):
+        HardwareTable.load(path)

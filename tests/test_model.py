@@ -51,3 +51,50 @@ def test_packaged_model_is_smollm2(real):
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert 134_000_000 < model.num_parameters() < 135_000_000
     assert tokenizer("The jury", add_special_tokens=False)["input_ids"][0] != tokenizer.bos_token_id
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend this machine has n CUDA GPUs (0: torch built without CUDA), whatever it has."""
+    def pretend(n):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.version, "cuda", "12.8" if n else None)
+        monkeypatch.setattr(torch.version, "hip", None)
+    return pretend
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--device", "{}"],
+    ["heal", "{result}", "--tokens", "1000", "--device", "{}"],
+    ["profile", "--target", "{}"],
+    ["worker", "--storage", "{result}/s.journal", "--study", "s", "--device", "{}"],
+    ["search", "sparsity", "--budget", "0.5", "--out", "{result}/run", "--device", "{}"],
+])
+def test_a_cuda_device_this_machine_lacks_is_one_line(gpus, capsys, tmp_path, argv):
+    from evosearch.cli import main
+
+    (tmp_path / "model").mkdir()  # enough of a search result for heal to read its settings
+    (tmp_path / "result.json").write_text('{"settings": {"budget": 0.5}}')
+    field = "--target" if "profile" in argv else "--device"
+    for count, device, machine in [(0, "cuda", f"no CUDA GPU (torch {torch.__version__} is built without CUDA); use"),
+                                   (1, "cuda:3", "1 CUDA GPU, cuda:0; use one of them or")]:
+        gpus(count)
+        assert main([a.format(device, result=tmp_path) for a in argv]) == 2
+        # The one line, and nothing before it: no model was loaded, no study waited for.
+        assert capsys.readouterr().err == f"evosearch: error: {field} {device}: this machine has {machine} {field} cpu\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "result.json"]
+
+
+def test_devices_resolve_in_one_place(gpus, monkeypatch):
+    from evosearch.model import resolve_device
+
+    gpus(2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(EvosearchError, match=r"--device cuda:2: this machine has 2 CUDA GPUs, cuda:0 to cuda:1"):
+        load_model(None, device="cuda:2")
+    with pytest.raises(EvosearchError, match=r"--device gpu: not a device; use cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+    gpus(0)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build that sees no device
+    with pytest.raises(EvosearchError, match=r"no CUDA GPU \(no CUDA device is visible\)"):
+        resolve_device("cuda")

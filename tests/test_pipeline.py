@@ -149,3 +149,54 @@ def test_a_search_folder_keeps_its_study_in_a_journal_file_or_an_earlier_study_d
     assert _study_file(new) is None
     (new / "study.journal").touch()
     assert _study_file(new) == RunFolder(new).study_storage() and _study_file(old) == RunFolder(old).study_storage()
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from evosearch.run import RunFolder
+
+with RunFolder(sys.argv[1]).lock():
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_folder_is_locked_while_a_process_works_in_it(tmp_path, capsys):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from evosearch.recipe import Recipe
+    from evosearch.run import RunFolder
+
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    (out / "result.json").write_text('{"settings": {"budget": 0.5}}')
+    (tmp_path / "recipe.yaml").write_text(Recipe(budget=0.5).to_yaml())
+    search = ["search", "sparsity", "--budget", "0.5", "--out", str(out)]
+    # flock locks belong to an open file, so a second lock in this process conflicts as one in another would.
+    with RunFolder(out).lock():
+        for argv in ([*search, "--force"], [*search, "--resume"], ["run", str(tmp_path / "recipe.yaml"), "--out",
+                     str(out), "--resume"], ["heal", str(out), "--tokens", "1000"]):
+            assert main(argv) == 2
+            name = str(out) if argv[0] == "heal" else f"--out {out}"
+            assert capsys.readouterr().err.startswith(f"evosearch: error: {name} is in use by process {os.getpid()} "
+                                                      f"on {socket.gethostname()} since ")
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "model", "result.json"]  # --force deleted nothing
+
+    # Another process's lock, released by the OS when that process dies (here, killed).
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert main([*search, "--force"]) == 2
+        assert f"is in use by process {holder.pid} on " in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunFolder(out).lock():
+        assert (out / ".lock").read_text().startswith(f"process {os.getpid()} ")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import shutil
 
 import pytest
 import yaml
@@ -109,8 +111,11 @@ def test_show_an_interrupted_search_and_resume_it(checkpoint, finished, tmp_path
     best = summary["study"]["best"]
     assert best["fidelity"] == 128 and best["usage"]["average sparsity"] == pytest.approx(0.5)
     assert summary["allocation"]["layers"] == [0, 1]
+    assert summary["study"]["runs"] == 1 and summary["study"]["seconds"] > 0  # the interrupted run counts
 
-    with pytest.raises(EvosearchError, match="cannot resume"):  # other settings are refused, and change nothing
+    with pytest.raises(EvosearchError, match="already holds an interrupted search"):
+        run_search(settings(checkpoint), out, progress=False)  # not without --resume
+    with pytest.raises(EvosearchError, match="was searched with sampler_options"):  # refused, and change nothing
         run_search(settings(checkpoint, sampler_options={"offspring": 5}), out, resume=True, progress=False)
     assert Recipe.load(out / "recipe.yaml") == Recipe.from_settings(settings(checkpoint), out)
 
@@ -121,6 +126,12 @@ def test_show_an_interrupted_search_and_resume_it(checkpoint, finished, tmp_path
     assert main(shlex.split(resume)[1:]) == 0  # "evosearch run DIR/recipe.yaml --out DIR --resume"
     resumed = json.loads((out / "result.json").read_text())
     assert resumed["assignment"] == json.loads((finished / "result.json").read_text())["assignment"]
+    # Its search time is that of both runs, not only the last's.
+    assert resumed["search"]["runs"] == 2 and resumed["search"]["seconds"] >= summary["study"]["seconds"]
+    study = summarize(out)["study"]
+    assert study["runs"] == 2 and resumed["search"]["seconds"] == study["seconds"]  # the sum the study recorded
+    assert main(["show", str(out)]) == 0
+    assert f"{resumed['search']['seconds']:.0f} s over 2 runs (the last run's seconds per stage" in capsys.readouterr().out
 
 
 def test_report_writes_plots_and_one_page(finished):
@@ -193,6 +204,9 @@ def test_recipe_errors_are_one_line(tmp_path):
     bad.write_text("space: sparsity\nbudget: 0.5\nbudgt: 0.6\n")
     with pytest.raises(EvosearchError, match=r"bad.yaml: budgt: unknown field; the fields are space, budget"):
         Recipe.load(bad)
+    bad.write_text("space: sparsity\nbudgt: 0.5\n")  # the typo, not the budget it leaves missing
+    with pytest.raises(EvosearchError, match=r"bad.yaml: budgt: unknown field; the fields are space, budget"):
+        Recipe.load(bad)
     bad.write_text("space: sparsity\n")
     with pytest.raises(EvosearchError, match=r"bad.yaml: budget: Field required"):
         Recipe.load(bad)
@@ -204,3 +218,74 @@ def test_recipe_errors_are_one_line(tmp_path):
     recipe = Recipe(space="drop", budget=0.25, sampler="nsga2", sampler_options={"direction": "maximize"}, out="x")
     bad.write_text(recipe.to_yaml())
     assert Recipe.load(bad) == recipe and recipe.settings == SearchSettings(**recipe.model_dump(exclude={"out"}))
+
+
+def test_resume_is_checked_against_the_folder_before_anything_is_loaded(checkpoint, finished, tmp_path, monkeypatch,
+                                                                        capsys):
+    from evosearch import pipeline
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    load_model = pipeline.load_model
+
+    def nothing_is_loaded(*args, **kwargs):
+        raise AssertionError("a refused resume loaded the model")
+
+    monkeypatch.setattr(pipeline, "load_model", nothing_is_loaded)
+    for change, message in [
+        (dict(budget=0.6), "budget 0.5, this command has 0.6; use the same --budget or a new --out"),
+        (dict(sequence_length=32), "sequence_length 64, this command has 32; use the same --sequence-length or a "
+                                   "new --out"),
+        (dict(storage=str(tmp_path / "other.journal")), f"storage {out.resolve()}/study.journal, this command has "
+                                                        f"{tmp_path}/other.journal; use the same --storage or a new --out"),
+        (dict(sampler_options={"offspring": 5}), 'sampler_options {"offspring": 4}, this command has {"offspring": 5}; '
+                                                 'use the same sampler options (--offspring, recipe sampler_options)'),
+    ]:
+        with pytest.raises(EvosearchError) as refused:
+            run_search(settings(checkpoint, **change), out, resume=True, progress=False)
+        assert str(refused.value).startswith(f"--resume: {out} was searched with {message}")
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text()) | {"budget": 0.6}
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(tmp_path / "other.yaml"), "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"evosearch: error: --resume: {out} was searched with budget 0.5, this command "
+                                       f"has 0.6; use the same --budget or a new --out\n")
+
+    # What only says how long, where or beside what it runs may change: here, run longer.
+    monkeypatch.setattr(pipeline, "load_model", load_model)
+    before = json.loads((out / "result.json").read_text())
+    longer = run_search(settings(checkpoint, generations=5, baselines=[], compile=False,
+                                 storage=os.path.relpath(out / "study.journal")), out, resume=True, progress=False)
+    assert longer.search.evaluations > before["search"]["evaluations"] and longer.search.runs == 2
+
+
+def test_a_run_that_evaluated_nothing_is_started_again(checkpoint, tmp_path, monkeypatch, caplog, capsys):
+    import optuna
+
+    from evosearch import pipeline
+
+    out = tmp_path / "run"
+    with pytest.raises(EvosearchError, match="--resume and --force: pass one"):
+        run_search(settings(checkpoint), out, resume=True, force=True, progress=False)
+    assert main(["search", "sparsity", "--budget", "0.5", "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err == (f"evosearch: error: --out {out} holds no search to resume (there is no such "
+                                       f"folder); drop --resume to start one\n")
+    assert not out.exists()
+
+    load_model = pipeline.load_model
+
+    def broken(*args, **kwargs):
+        raise ImportError("cannot import name 'LlamaForCausalLM'")
+
+    monkeypatch.setattr(pipeline, "load_model", broken)
+    with pytest.raises(ImportError):
+        run_search(settings(checkpoint), out, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "recipe.yaml"]
+    with pytest.raises(EvosearchError, match=f"^--out {out} holds no search to resume; drop --resume to start one$"):
+        run_search(settings(checkpoint), out, resume=True, progress=False)
+    monkeypatch.setattr(pipeline, "load_model", load_model)
+    optuna.create_study(storage=pipeline._storage(str(out / "study.journal")), study_name="evosearch-sparsity")
+    with caplog.at_level("INFO", logger="evosearch"):
+        report = run_search(settings(checkpoint), out, progress=False)  # the same command, again
+    assert (f"--out {out} holds the files of a run that evaluated nothing (recipe.yaml, study.journal); "
+            f"replacing them") in caplog.text
+    assert report.search.runs == 1 and (out / "result.json").exists()

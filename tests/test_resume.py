@@ -106,3 +106,50 @@ def test_optuna_sampler_resume_continues_the_study(tmp_path):
     )
     assert len(first.trials) == 10 and len(second.trials) == 25
     assert second.best.value <= first.best.value
+
+
+def test_pruned_trials_have_no_value_and_keep_their_reports(tmp_path):
+    """Optuna's tell would make a pruned trial's last report its value: optuna-dashboard then plots a
+    candidate dropped on few tokens as better than the best."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from evosearch.engine import FunctionFitness
+    from evosearch.workers import open_storage
+
+    problem = evopress_shaped({"attn": (8, 1), "mlp": (8, 2)}, seed=5)
+    calls = []
+
+    def fitness(assignment, fidelity):
+        calls.append(fidelity)
+        return problem.fitness(assignment) * (1 + 1 / fidelity)  # scored on fewer tokens, it looks better
+
+    fitness = FunctionFitness(fitness, fidelities=[1, 8])
+    storage = str(tmp_path / "s.journal")
+    args = dict(seed=3, storage=storage, study_name="s", progress=False,
+                sampler_options={"offspring": 6, "generations": 3, "stages": [(1, 2), (8, 1)]})
+    first = search(problem.space, fitness, problem.budget, n_trials=25, **args)
+    assert first.n_evaluations == 25  # stopped in a generation: its open trials were closed PRUNED too
+    trials = optuna.load_study(study_name="s", storage=open_storage(storage)).get_trials()
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert len(pruned) > 6 and all(t.value is None and t.intermediate_values for t in pruned)
+    assert all(t.value is not None for t in trials if t.state == TrialState.COMPLETE)
+    # Resume replays from the reports: not one evaluation again, the same answer.
+    done = len(calls)
+    again = search(problem.space, fitness, problem.budget, n_trials=25, resume=True, **args)
+    assert len(calls) == done and again.best == first.best and again.n_evaluations == first.n_evaluations
+
+
+def test_a_resume_may_run_more_generations(tmp_path):
+    """Each generation draws from a stream of its own, so a run of 2 generations resumed for 4 is a run of 4."""
+    problem = evopress_shaped({"blocks": (8, 1)})
+    args = (problem.space, problem.fitness, problem.budget)
+    storage = str(tmp_path / "s.journal")
+    options = {"offspring": 4}
+    search(*args, storage=storage, study_name="s", sampler_options=options | {"generations": 2}, progress=False)
+    longer = search(*args, storage=storage, study_name="s", resume=True, sampler_options=options | {"generations": 4},
+                    progress=False)
+    once = search(*args, sampler_options=options | {"generations": 4}, progress=False)
+    assert (longer.best, longer.n_evaluations) == (once.best, once.n_evaluations)
+    with pytest.raises(EvosearchError, match="it was run with sampler_options={'offspring': 4, 'generations': 2}"):
+        search(*args, storage=storage, study_name="s", resume=True, sampler_options={"offspring": 5}, progress=False)

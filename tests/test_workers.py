@@ -247,6 +247,53 @@ def test_bad_setups_are_refused_in_one_line(tmp_path, capsys):
     assert "--workers needs --storage" in capsys.readouterr().err
 
 
+def test_a_worker_waits_for_a_search_but_not_forever(tmp_path, capsys):
+    storage = str(tmp_path / "s.journal")
+    worker = ["worker", "--storage", storage, "--fitness", "evosearch.testing:slow_fitness", "--wait", "0.5"]
+    started = time.monotonic()
+    assert main([*worker, "--study", "typo"]) == 2  # no such study
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"[evosearch worker {os.getpid()}] waiting up to 0.5 s for the search of study 'typo' to start in "
+                   f"{storage}", f"evosearch: error: --study typo: no such search in {storage} after 0.5 s; check "
+                   f"--study and --storage (the search logs both), or give a longer --wait"]
+    # A search that started, then queued nothing (its driver died, say): given up after --wait too.
+    with Workers(storage, "idle", count=1, options=PROBLEM, fidelities=PROBLEM["fidelities"], local=False):
+        assert main([*worker, "--study", "idle"]) == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            "evosearch: error: --study idle: its search queued nothing for 0.5 s and has not finished (stopped? "
+            "resume it and start workers again, or give a longer --wait)")
+    # A finished search: nothing to do, said at once, and no fitness is built (this factory would fail).
+    assert main([*worker[:-4], "--fitness", "no.such:factory", "--study", "idle"]) == 0
+    assert "study 'idle' in " + storage + " is finished: nothing to evaluate" in capsys.readouterr().err
+    assert time.monotonic() - started < 20
+    assert main([*worker[:-1], "0", "--study", "idle"]) == 2
+    assert "--wait must be a positive number of seconds, got 0" in capsys.readouterr().err
+
+
+NO_SERVER = "postgresql://nobody@127.0.0.1:1/x"  # nothing listens on port 1
+UNREACHABLE = ("storage: cannot reach the database server at postgresql://nobody@127.0.0.1:1/x (connection failed: "
+               "connection to server at \"127.0.0.1\", port 1 failed: Connection refused); check the URL, or start "
+               "the server")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "sparsity", "--budget", "0.5", "--storage", NO_SERVER, "--out", "{tmp}/run"], UNREACHABLE),
+    (["search", "sparsity", "--budget", "0.5", "--storage", NO_SERVER, "--out", "{tmp}/old", "--force"], UNREACHABLE),
+    (["search", "sparsity", "--budget", "0.5", "--storage", NO_SERVER, "--workers", "2", "--out", "{tmp}/run"],
+     UNREACHABLE),
+    (["worker", "--storage", NO_SERVER, "--study", "S"], UNREACHABLE),
+    (["worker", "--storage", "{tmp}/missing/folder/study.journal", "--study", "S"],
+     "storage {tmp}/missing/folder/study.journal: cannot open the journal file (its folder {tmp}/missing/folder does "
+     "not exist); check the path"),
+])
+def test_a_storage_out_of_reach_is_one_line_before_anything_is_loaded(tmp_path, capsys, argv, message):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "result.json").write_text("{}")  # --force deletes nothing before the storage is reached
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    assert capsys.readouterr().err == f"evosearch: error: {message.format(tmp=tmp_path)}\n"  # no model was loaded
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["old", "result.json"]
+
+
 def wait_for_calls(log, n, driver, timeout=120.0):
     """Until the fitness has been called `n` times, while the driver runs."""
     end = time.monotonic() + timeout
