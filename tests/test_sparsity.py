@@ -104,3 +104,19 @@ def test_sparsegpt_lazy_block_update_is_exact(layer):
         small = SparseGPT(W, h.H, block_size=block_size).prune(0.5, (4, 8))
         assert torch.equal(small == 0, whole == 0)
         torch.testing.assert_close(small, whole, rtol=1e-4, atol=1e-5)
+
+
+def test_sparsegpt_zeroes_dead_input_columns_first(layer):
+    """Inputs that never fire carry nothing: their weights are zero after SparseGPT (as in every reference)
+    and count among the level's zeros, so fewer live weights are pruned and the error is lower."""
+    W, h, X = layer
+    dead = torch.zeros(W.shape[1], dtype=torch.bool)
+    dead[::8] = True  # an eighth of the inputs never fire
+    Xd = X.clone()
+    Xd[:, dead] = 0
+    H = Xd.T @ Xd / len(Xd)
+    pruned = SparseGPT(W, H).prune(0.5)
+    assert (pruned[:, dead] == 0).all()
+    assert int((pruned == 0).sum()) == W.numel() // 2  # the level's zeros, dead ones included
+    live = ~dead
+    assert int((pruned[:, live] == 0).sum()) == W.numel() // 2 - int(dead.sum()) * W.shape[0]

@@ -164,6 +164,7 @@ class GPTQ:
         if self.perm is not None:
             W, H = W[:, self.perm], H[self.perm][:, self.perm]
         self.W = W.detach().to(torch.float32).clone()
+        self.W[:, torch.diagonal(H) == 0] = 0  # inputs that never fired: their weights carry nothing (the reference's)
         self.Hinv = damped_inverse_cholesky(H, damp)
         self.block_size = block_size
 

@@ -95,7 +95,8 @@ class SparseGPT:
     """SparseGPT (Frantar & Alistarh, 2023) for one layer, set up once for many levels.
 
     The constructor does the per-layer work that every level shares: a float32 copy of
-    W and Hinv, the upper Cholesky factor of the damped inverse Hessian. ``prune`` then
+    W (its dead input columns zeroed) and Hinv, the upper Cholesky factor of the damped
+    inverse Hessian. ``prune`` then
     runs the blocked OBS sweep over input columns: inside a block of ``block_size``
     columns the mask is chosen adaptively from the current (already updated) weights
     by the OBS saliency w^2 / [Hinv]_jj^2, each column is pruned in turn and its error
@@ -110,6 +111,9 @@ class SparseGPT:
     def __init__(self, W: torch.Tensor, H: torch.Tensor, damp: float = 0.01, block_size: int = 128):
         self.dtype = W.dtype
         self.W = W.detach().to(torch.float32).clone()
+        # Inputs that never fired (H_jj = 0) carry nothing: their weights are zeroed first, as every
+        # reference does, so they count among a level's zeros instead of live weights being pruned.
+        self.W[:, torch.diagonal(H).to(W.device) == 0] = 0
         self.Hinv = damped_inverse_cholesky(H.to(W.device), damp)
         self.block_size = block_size
 
