@@ -54,13 +54,38 @@ def resolve_model_path(source: str | Path | None) -> Path:
             raise EvosearchError(f"model file {path} is not a .gguf file; pass a model directory or a GGUF file")
         return _converted_gguf(path)
     if (path / "config.json").exists():
+        _check_model_files(path)
         return path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return _converted_gguf(ggufs[0])
+    if ggufs:
+        raise EvosearchError(f"{path} is not a model directory: it has no config.json and {len(ggufs)} .gguf files "
+                             f"(name one)")
+    inner = sorted(p.name for p in path.iterdir() if (p / "config.json").exists())
     raise EvosearchError(
-        f"{path} is not a model directory: it has no config.json"
-        + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else " and no .gguf file"))
+        f"{path} is not a model directory: it has no config.json and no .gguf file; pass "
+        + (f"its subfolder {path / inner[0]}" if inner else "a folder holding config.json, the weights and the "
+                                                            "tokenizer (save_pretrained writes them)"))
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# A tokenizer is its tokenizer.json or vocabulary files (vocab.json and merges.txt, vocab.txt, a SentencePiece
+# *.model...); tokenizer_config.json alone only configures one, and with nothing transformers makes an empty one.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken")
+
+
+def _check_model_files(path: Path) -> None:
+    """Name what a model folder lacks, rather than the loader's first complaint about it."""
+    missing = []
+    if not any((path / name).exists() for name in WEIGHT_FILES):
+        missing.append("no weights (model.safetensors, pytorch_model.bin or a sharded *.index.json)")
+    if not any(any(path.glob(pattern)) for pattern in VOCABULARY_FILES):
+        missing.append("no tokenizer (tokenizer.json, or vocabulary files such as vocab.json and merges.txt, "
+                       "vocab.txt or tokenizer.model)")
+    if missing:
+        raise EvosearchError(f"model folder {path} has config.json but {' and '.join(missing)}; save the model and "
+                             f"its tokenizer into it with save_pretrained")
 
 
 def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
