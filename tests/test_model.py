@@ -52,24 +52,21 @@ def test_bad_model_paths(tmp_path, monkeypatch, make, message):
     (["model.safetensors", "tokenizer.json"], "but no weights (model.safetensors, pytorch_model.bin or a sharded "
                                               "*.index.json) and no tokenizer"),
 ])
-def test_a_model_folder_names_the_files_it_lacks(checkpoint, tmp_path, remove, message):
+def test_a_model_folder_names_the_files_it_lacks(tmp_path, llama, remove, message):
     """Without them transformers says "Couldn't instantiate the backend tokenizer", or builds an empty tokenizer."""
-    import shutil
-
-    model, _ = checkpoint
-    folder = tmp_path / "incomplete"
-    shutil.copytree(model, folder)
+    llama.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")  # the files are checked before anything is read
     for name in remove:
-        (folder / name).unlink()
+        (tmp_path / name).unlink()
     with pytest.raises(EvosearchError, match=re.escape(message)) as info:
-        load_model(folder, device="cpu")
+        load_model(tmp_path, device="cpu")
     assert "\n" not in str(info.value)
 
 
-def test_a_folder_above_a_model_folder_names_it(checkpoint):
-    model, _ = checkpoint
-    with pytest.raises(EvosearchError, match=f"no config.json and no .gguf file; pass its subfolder {model}$"):
-        load_model(model.parent, device="cpu")
+def test_a_folder_above_a_model_folder_names_it(tmp_path, llama):
+    llama.save_pretrained(tmp_path / "model")
+    with pytest.raises(EvosearchError, match=f"no config.json and no .gguf file; pass its subfolder {tmp_path}/model$"):
+        load_model(tmp_path, device="cpu")
 
 
 @pytest.mark.real
