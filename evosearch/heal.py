@@ -103,7 +103,8 @@ from evosearch.database.quantization import QuantFormat, QuantizedWeight, recove
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import ROWS_PER_CHUNK, hidden_size, hidden_states, logits_from_hidden, perplexity
 from evosearch.kernels import kl as kl_kernels
-from evosearch.model import default_device, load_model, model_fingerprint, resolve_dtype
+from evosearch.model import (check_context, default_device, load_config, load_model, model_fingerprint,
+                             resolve_dtype, vocab_size)
 from evosearch.pipeline import SearchSettings, is_dropped
 from evosearch.units import Architecture, architecture
 
@@ -509,6 +510,8 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
     """Heal the searched model of ``result_dir`` (see the module's docstring); returns the heal section."""
     result_dir = Path(result_dir)
     result, search = read_result(result_dir)
+    length = settings.sequence_length or search.sequence_length
+    check_context(load_config(result_dir / "model"), length, "--sequence-length")
     healed_dir, checkpoint_dir = result_dir / HEALED, result_dir / CHECKPOINT
     if force:
         for stale in (healed_dir, checkpoint_dir):
@@ -522,15 +525,14 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
     student, _ = load_model(result_dir / "model", device=device, dtype=dtype)
     arch = architecture(student)
     keep = what_to_keep(result, arch)
-    corpus = load_corpus(search.corpus, tokenizer, text_field=search.text_field)
-    length = settings.sequence_length or search.sequence_length
+    corpus = load_corpus(search.corpus, tokenizer, text_field=search.text_field, vocab_size=vocab_size(student))
     free = healing_windows(corpus, search, length)
     steps = -(-settings.tokens // (settings.batch_size * length))
     order = _order(free, steps * settings.batch_size, settings.seed)
     if len(order) > len(free):
         log.warning("heal: %d tokens pass %.1f times over the %d calibration tokens the search did not use",
                     len(order) * length, len(order) / len(free), len(free) * length)
-    evaluations = _evaluation_texts(corpus, search, settings, tokenizer)
+    evaluations = _evaluation_texts(corpus, search, settings, tokenizer, vocab_size(student))
     kl_sequences = fitness_sequences(corpus, search)
 
     identity = {"settings": settings.model_dump(), "model": model_fingerprint(student)}
@@ -626,7 +628,8 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
     return section
 
 
-def _evaluation_texts(corpus: Corpus, search: SearchSettings, settings: HealSettings, tokenizer) -> dict:
+def _evaluation_texts(corpus: Corpus, search: SearchSettings, settings: HealSettings, tokenizer,
+                      vocab: int) -> dict:
     """Perplexity windows: the search's held-out text, then each extra corpus as a whole (it was
     used neither for the search nor for healing)."""
     texts = {corpus.name: corpus.evaluation_windows(search.eval_tokens, EVAL_WINDOW)}
@@ -634,7 +637,7 @@ def _evaluation_texts(corpus: Corpus, search: SearchSettings, settings: HealSett
         if name == corpus.name:
             raise EvosearchError(f"--eval-corpus {name} is the search's corpus, whose held-out part is evaluated "
                                  f"already; name another corpus")
-        other = load_corpus(name, tokenizer)
+        other = load_corpus(name, tokenizer, vocab_size=vocab)
         whole = Corpus(other.name, other.tokens, eval_fraction=1.0)
         available = len(whole.tokens) // EVAL_WINDOW * EVAL_WINDOW
         if available == 0:

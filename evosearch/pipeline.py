@@ -49,7 +49,7 @@ from evosearch.engine import search
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
-from evosearch.model import load_model, model_fingerprint
+from evosearch.model import load_model, model_fingerprint, vocab_size
 from evosearch.units import architecture
 from evosearch.workers import Workers, open_storage
 
@@ -272,7 +272,8 @@ def _load(settings: SearchSettings, device: str | None):
     model, tokenizer = load_model(settings.model, device=device, dtype=settings.dtype)
     arch = architecture(model)
     problem, table = search_problem(settings, spec, arch)
-    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
+    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field,
+                         vocab_size=vocab_size(model))
     fitness_sequences = math.ceil(max(settings.fidelities) / settings.sequence_length)
     fitness_tokens = corpus.calibration_sequences(fitness_sequences, settings.sequence_length, seed=settings.seed + 1)
     return spec, model, tokenizer, arch, problem, table, corpus, fitness_tokens
