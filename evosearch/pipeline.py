@@ -24,6 +24,7 @@ settings, stored in the study: ``worker_fitness`` is what each of them runs.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evosearch import __version__, assets, subnetwork
 from evosearch.candidate import CandidateModel
@@ -50,6 +51,9 @@ from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
 from evosearch.model import load_model, model_fingerprint, vocab_size
+from evosearch.samplers import SAMPLERS, make_sampler
+from evosearch.samplers.evopress import EvoPress
+from evosearch.samplers.optuna_samplers import OptunaSampler
 from evosearch.units import architecture
 from evosearch.workers import Workers, open_storage
 
@@ -89,6 +93,32 @@ class SearchSettings(BaseModel):
     baselines: list[str] | None = Field(None, description="baselines to report beside the search (default: the space's)")
     workers: int | None = Field(None, ge=1, description="evaluate candidates on this many worker processes sharing "
                                                         "the storage (Optuna samplers then ask this many at a time)")
+
+    @field_validator("fidelities")
+    @classmethod
+    def _increasing(cls, fidelities: list[int]) -> list[int]:
+        if not fidelities or fidelities[0] < 1 or any(a >= b for a, b in zip(fidelities, fidelities[1:])):
+            raise EvosearchError(f"--fidelities must be increasing token counts like 512,2048 (the last is the full "
+                                 f"fitness), got {','.join(map(str, fidelities))}")
+        return fidelities
+
+    @model_validator(mode="after")
+    def _sampler_settings(self) -> SearchSettings:
+        """EvoPress's settings mean nothing to other samplers, and Optuna's need a number of trials. (A space's
+        own sampler defaults are EvoPress's too, but ``run_search`` passes them to EvoPress only.)"""
+        if self.sampler != "evopress":
+            given = ["generations"] * (self.generations is not None) + list(self.sampler_options)
+            evopress_only = [name for name in given if name in inspect.signature(EvoPress).parameters]
+            if evopress_only:
+                raise EvosearchError(f"--{evopress_only[0].replace('_', '-')} applies to --sampler evopress only "
+                                     f"(this search uses {self.sampler}); drop it")
+        if self.sampler not in SAMPLERS:  # owl and shortgpt are registered per problem, and a name may be unknown
+            return self
+        sampler = make_sampler(self.sampler, self.sampler_options)  # a bad option fails here, not after the database
+        if isinstance(sampler, OptunaSampler) and self.trials is None:
+            raise EvosearchError(f"--sampler {self.sampler} needs --trials N: the number of candidates it evaluates")
+        return self
+
 
 
 def default_storage(out: Path) -> str:

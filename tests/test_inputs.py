@@ -8,7 +8,59 @@ from __future__ import annotations
 import pytest
 
 from evosearch.cli import main
+from evosearch.errors import EvosearchError
 from evosearch.pipeline import SearchSettings
+from evosearch.recipe import Recipe
+
+
+def search(capsys, tmp_path, checkpoint, *args, space="sparsity", budget="0.5"):
+    """`evosearch search` on the checkpoint: (exit status, last line on stderr); checks nothing was built."""
+    model, corpus = checkpoint
+    out, database = tmp_path / "run", tmp_path / "db"
+    code = main(["search", space, "--budget", budget, "--model", str(model), "--corpus", str(corpus),
+                 "--sequence-length", "64", "--calibration-sequences", "2", "--fidelities", "64",
+                 "--eval-tokens", "1024", "--database", str(database), "--out", str(out), *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in lines)
+    assert not database.exists()  # refused before the database is built
+    return code, lines[-1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sampler", "uniform", "--offspring", "4"],
+     "--offspring applies to --sampler evopress only (this search uses uniform); drop it"),
+    (["--sampler", "tpe", "--trials", "5", "--generations", "3"],
+     "--generations applies to --sampler evopress only (this search uses tpe); drop it"),
+    (["--sampler", "tpe"], "--sampler tpe needs --trials N: the number of candidates it evaluates"),
+    (["--fidelities", "256,128"],
+     "--fidelities must be increasing token counts like 512,2048 (the last is the full fitness), got 256,128"),
+])
+def test_search_settings_are_refused_in_one_line(checkpoint, capsys, tmp_path, args, message):
+    code, line = search(capsys, tmp_path, checkpoint, *args)
+    assert code == 2 and line.startswith(f"evosearch: error: {message}")
+
+
+def test_recipes_get_the_same_checks(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("space: drop\nbudget: 0.25\nsampler: shortgpt\ngenerations: 3\n")
+    with pytest.raises(EvosearchError, match="^--generations applies to --sampler evopress only"):
+        Recipe.load(recipe)
+    with pytest.raises(EvosearchError, match="^sampler 'evopress': bad sampler_options: .*'offsprings'"):
+        SearchSettings(budget=0.5, sampler_options={"offsprings": 4})
+    with pytest.raises(EvosearchError, match="^--fidelities must be increasing"):
+        SearchSettings(budget=0.5, fidelities=[512, 512])
+
+
+def test_a_space_s_evopress_defaults_do_not_reach_another_sampler(checkpoint, tmp_path):
+    """spaces/sparsity.yaml says offspring: 16 for EvoPress; the uniform baseline takes no options."""
+    from evosearch.pipeline import run_search
+
+    model, corpus = checkpoint
+    settings = SearchSettings(space="sparsity", budget=0.5, sampler="uniform", model=str(model), corpus=str(corpus),
+                              sequence_length=64, calibration_sequences=2, fidelities=[64], eval_tokens=1024,
+                              baselines=[], database=str(tmp_path / "db"))
+    report = run_search(settings, tmp_path / "run", progress=False)
+    assert report["search"]["sampler"] == "uniform" and set(report["assignment"].values()) == {0}
 
 
 def test_eval_refuses_a_window_beyond_the_model_context(checkpoint, capsys):
