@@ -242,7 +242,25 @@ class CompressionSpace(_Spec):
             where = ".".join(str(p) for p in error["loc"])
             raise EvosearchError(f"space file {path}: {where}: {error['msg']}") from None
 
+    def check_budget(self, value: float) -> None:
+        """Refuse a ``--budget`` outside the range its kind has for every model (no model is needed:
+        the search checks it before loading one); ``materialize`` checks the rest against the model."""
+        comp = self.compression
+        if self.budget.form == "fraction_of_units" and not 0 <= value < 1:
+            raise EvosearchError(f"--budget {value:g} must be a fraction of the units in [0, 1) (1 removes every one)")
+        if isinstance(comp, SparsitySpace) and isinstance(comp.levels, AroundTarget) \
+                and not 0 <= value <= comp.max_sparsity:
+            raise EvosearchError(f"--budget {value:g} is outside this space's range [0, {comp.max_sparsity}] "
+                                 f"of average sparsity")
+        if isinstance(comp, WidthSpace) and not 0 < value <= 1:  # 0 keeps nothing: every block removed
+            raise EvosearchError(f"--budget {value:g} must be a fraction of the searched blocks' parameters kept, "
+                                 f"in (0, 1]")
+
     def materialize(self, arch: Architecture, budget_value: float) -> "SearchProblem":
+        self.check_budget(budget_value)
+        return self._materialize(arch, budget_value)
+
+    def _materialize(self, arch: Architecture, budget_value: float) -> "SearchProblem":
         if isinstance(self.compression, SparsitySpace):
             return _sparsity_problem(self, self.compression, arch, budget_value)
         if isinstance(self.compression, QuantizationSpace):
@@ -259,8 +277,8 @@ class CompressionSpace(_Spec):
         if isinstance(comp, SparsitySpace) and isinstance(comp.levels, AroundTarget):
             raise EvosearchError(f"space {self.name or 'sparsity'} spaces its levels around a target sparsity, so its "
                                  f"budget must be that sparsity; give a list of levels for a latency or bytes budget")
-        placeholder = 0.0  # a valid value of every such space's own budget; the levels do not depend on it
-        return self.materialize(arch, placeholder)
+        placeholder = 0.0  # in the range of every such space's own budget; the levels do not depend on it
+        return self._materialize(arch, placeholder)
 
 
 def ready_spaces() -> list[str]:
@@ -301,9 +319,6 @@ def _sparsity_problem(spec: CompressionSpace, comp: SparsitySpace, arch: Archite
     linears = arch.units("linear")
     units, keys = [], {}
     if isinstance(comp.levels, AroundTarget):
-        if not 0 <= target <= comp.max_sparsity:
-            raise EvosearchError(f"--budget {target} is outside this space's range [0, {comp.max_sparsity}] "
-                                 f"of average sparsity")
         sizes = [u.shape[0] * u.shape[1] for u in linears]
         step_weights = max(1, round(comp.levels.step * sum(sizes) / len(sizes)))
         for u, size in zip(linears, sizes):
@@ -487,9 +502,12 @@ def _spread(total: int, count: int) -> list[int]:
 
 def _budget(spec: BudgetSpec, space: Space, value: float, rounding: float = 0.0) -> Budget:
     if spec.form == "fraction_of_units":
-        if not 0 <= value <= 1:
-            raise EvosearchError(f"--budget {value} must be a fraction of units between 0 and 1")
-        return Budget(resource=spec.resource, total=round(value * len(space.units)))
+        units = len(space.units)
+        total = round(value * units)
+        if units and total >= units:  # CompressionSpace.check_budget has refused values from 1 on
+            raise EvosearchError(f"--budget {value:g} rounds to all {units} units; at most {(units - 1) / units:.4g} "
+                                 f"keeps one")
+        return Budget(resource=spec.resource, total=total)
     if spec.form == "average":
         return Budget(resource=spec.resource, average=value, tolerance=max(rounding, spec.tolerance))
     if spec.form == "max_average":

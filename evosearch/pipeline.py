@@ -272,13 +272,15 @@ def search_problem(settings: SearchSettings, spec: CompressionSpace, arch) -> tu
     budget bounds their sum by the limit minus the rest of the model.
     """
     if settings.budget_resource is None:
-        return spec.materialize(arch, settings.budget), None
-    from evosearch import hardware
+        problem, table = spec.materialize(arch, settings.budget), None
+    else:
+        from evosearch import hardware
 
-    table = hardware.HardwareTable.load(settings.hardware) if settings.hardware else None
-    problem = hardware.attach(spec.materialize_levels(arch), table)
-    budget = hardware.budget_for(settings.budget_resource, settings.budget, problem, table)
-    return problem.with_budget(budget), table
+        table = hardware.HardwareTable.load(settings.hardware) if settings.hardware else None
+        problem = hardware.attach(spec.materialize_levels(arch), table)
+        problem = problem.with_budget(hardware.budget_for(settings.budget_resource, settings.budget, problem, table))
+    problem.budget.check(problem.space)  # the search would, but only after the database is built
+    return problem, table
 
 
 def _whole_model(settings: SearchSettings, problem: SearchProblem, best: dict, table) -> dict:

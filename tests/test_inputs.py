@@ -40,6 +40,18 @@ def test_search_settings_are_refused_in_one_line(checkpoint, capsys, tmp_path, a
     assert code == 2 and line.startswith(f"evosearch: error: {message}")
 
 
+@pytest.mark.parametrize("space, budget, message", [
+    ("drop", "1.0", "--budget 1 must be a fraction of the units in [0, 1) (1 removes every one)"),
+    ("drop", "-0.25", "--budget -0.25 must be a fraction of the units in [0, 1)"),
+    ("drop", "0.9", "--budget 0.9 rounds to all 4 units; at most 0.75 keeps one"),
+    ("drop-width", "0", "--budget 0 must be a fraction of the searched blocks' parameters kept, in (0, 1]"),
+    ("sparsity-2of4", "0.9", "budget average sparsity=0.9 is out of reach: this space reaches at most 0.5"),
+])
+def test_budgets_that_remove_everything_or_cannot_be_met(checkpoint, capsys, tmp_path, space, budget, message):
+    code, line = search(capsys, tmp_path, checkpoint, space=space, budget=budget)
+    assert code == 2 and line.startswith(f"evosearch: error: {message}")
+
+
 def test_recipes_get_the_same_checks(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("space: drop\nbudget: 0.25\nsampler: shortgpt\ngenerations: 3\n")
