@@ -28,6 +28,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import time
@@ -50,7 +51,8 @@ from evosearch.engine import search
 from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
-from evosearch.model import load_model, model_fingerprint, vocab_size
+from evosearch.model import (check_context, default_device, load_config, load_model, model_fingerprint,
+                             resolve_dtype, vocab_size)
 from evosearch.samplers import SAMPLERS, make_sampler
 from evosearch.samplers.evopress import EvoPress
 from evosearch.samplers.optuna_samplers import OptunaSampler
@@ -120,7 +122,6 @@ class SearchSettings(BaseModel):
         return self
 
 
-
 def default_storage(out: Path) -> str:
     """The study of a search folder: a journal file (each evaluation is appended in a few
     milliseconds, where SQLite through Optuna's ORM took tens: on a fast fitness that was
@@ -155,6 +156,8 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         raise EvosearchError("--workers needs --storage that workers can share: a journal file (path ending in "
                              ".journal) on one host, or postgresql://... across hosts")
     out = Path(out)
+    spec = CompressionSpace.load(settings.space)
+    _check_before_loading(settings, spec)
     prepare_output(out, resume, force)
     recipe = Recipe.from_settings(settings, out)
     # A resumed run keeps the files of the run it continues until it finishes: were these settings
@@ -164,7 +167,7 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
         open_storage(settings.storage)  # refuses SQLite and reaches the server before anything is loaded
     clock = _Stopwatch()
 
-    spec, model, tokenizer, arch, problem, table, corpus, fitness_tokens = _load(settings, settings.device)
+    model, tokenizer, arch, problem, table, corpus, fitness_tokens = _load(settings, spec, settings.device)
     _write_unless_resumed(out / "space.yaml", f"# {spec.name or 'search'} space for this model and budget "
                           f"{settings.budget:g}: each unit's levels and their resources\n" + problem.space.to_yaml(),
                           resume)
@@ -297,18 +300,71 @@ def _whole_model(settings: SearchSettings, problem: SearchProblem, best: dict, t
             "target": None if table is None else f"{table.target} ({table.device})"}
 
 
-def _load(settings: SearchSettings, device: str | None):
-    """The space, model, problem (with its hardware table, if any), corpus and fitness tokens that
-    `settings` name."""
-    spec = CompressionSpace.load(settings.space)
+def _check_before_loading(settings: SearchSettings, spec: CompressionSpace) -> None:
+    """Refuse what the space, the model's configuration and this machine's memory already rule out,
+    before a model is loaded, a database built or the output folder written."""
+    if settings.budget_resource is None:
+        spec.check_budget(settings.budget)
+    config = load_config(settings.model)
+    check_context(config, settings.sequence_length, "--sequence-length")
+    _check_fitness_memory(settings, config)
+
+
+def _check_fitness_memory(settings: SearchSettings, config) -> None:
+    """The fitness keeps the teacher's outputs and, for prefix reuse, every block's input (and the last
+    block's output) on all its tokens, on the model's device: refuse fidelities that cannot fit there,
+    which would otherwise run until the kernel kills the process minutes in."""
+    device = torch.device(settings.device) if settings.device else default_device()
+    tokens = _fitness_sequences(settings) * settings.sequence_length
+    teacher = Teacher.storage_bytes(tokens, config.vocab_size, settings.top_k)
+    itemsize = resolve_dtype(settings.dtype, device).itemsize
+    inputs = (config.num_hidden_layers + 1) * tokens * config.hidden_size * itemsize
+    available, memory = _available_memory(device)
+    if teacher + inputs <= available:
+        return
+    kept = (f"the teacher's top-{settings.top_k} log-probabilities" if settings.top_k else
+            f"the teacher's log-probabilities, tokens x vocabulary {config.vocab_size:,} x 4 bytes")
+    fix = "" if settings.top_k else "pass --top-k 64 (the teacher keeps 64 log-probabilities a token) or "
+    raise EvosearchError(
+        f"--fidelities up to {max(settings.fidelities)}: the fitness keeps {_gib(teacher + inputs)} for its "
+        f"{tokens:,} tokens ({kept}: {_gib(teacher)}; every block's input, for prefix reuse: {_gib(inputs)}) but "
+        f"{_gib(available)} of {memory} is available; {fix}use fewer fidelity tokens")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes free where the fitness keeps its tensors (the model's device), and what that memory is."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"memory on {device}"
+    try:  # MemAvailable: what can be used without swapping, reclaimable page cache included
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(fields["MemAvailable"].split()[0]) * 1024, "host memory"
+    except (OSError, KeyError, ValueError):  # no /proc (macOS): all of it
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory"
+
+
+def _fitness_sequences(settings: SearchSettings) -> int:
+    """Calibration sequences of the fitness: whole sequences covering the largest fidelity."""
+    return math.ceil(max(settings.fidelities) / settings.sequence_length)
+
+
+def _load(settings: SearchSettings, spec: CompressionSpace, device: str | None):
+    """The model, problem (with its hardware table, if any), corpus and fitness tokens that `settings` name."""
     model, tokenizer = load_model(settings.model, device=device, dtype=settings.dtype)
     arch = architecture(model)
     problem, table = search_problem(settings, spec, arch)
     corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field,
                          vocab_size=vocab_size(model))
-    fitness_sequences = math.ceil(max(settings.fidelities) / settings.sequence_length)
-    fitness_tokens = corpus.calibration_sequences(fitness_sequences, settings.sequence_length, seed=settings.seed + 1)
-    return spec, model, tokenizer, arch, problem, table, corpus, fitness_tokens
+    sequences, length = _fitness_sequences(settings), settings.sequence_length
+    if sequences > len(corpus.calibration) // length:
+        raise EvosearchError(f"--fidelities up to {max(settings.fidelities)} needs {sequences} sequences of {length} "
+                             f"tokens, but corpus {corpus.name!r} has {len(corpus.calibration):,} calibration tokens; "
+                             f"use fewer fidelity tokens or a larger corpus")
+    fitness_tokens = corpus.calibration_sequences(sequences, length, seed=settings.seed + 1)
+    return model, tokenizer, arch, problem, table, corpus, fitness_tokens
 
 
 def worker_fitness(options: dict, device: str | None = None) -> KLFitness:
@@ -319,7 +375,8 @@ def worker_fitness(options: dict, device: str | None = None) -> KLFitness:
     evaluation, and many workers must not build one database at once.
     """
     settings = SearchSettings(**options)
-    _, model, _, arch, problem, _, corpus, fitness_tokens = _load(settings, device or settings.device)
+    model, _, arch, problem, _, corpus, fitness_tokens = _load(settings, CompressionSpace.load(settings.space),
+                                                               device or settings.device)
     database = _open_database(settings, problem, model_fingerprint(model), corpus)
     missing = [f"{unit}/{key}" for unit, keys in problem.keys.items() for key in keys
                if key not in ("dense", "drop") and not database.has(unit, key)]

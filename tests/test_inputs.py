@@ -34,6 +34,10 @@ def search(capsys, tmp_path, checkpoint, *args, space="sparsity", budget="0.5"):
     (["--sampler", "tpe"], "--sampler tpe needs --trials N: the number of candidates it evaluates"),
     (["--fidelities", "256,128"],
      "--fidelities must be increasing token counts like 512,2048 (the last is the full fitness), got 256,128"),
+    (["--sequence-length", "2048", "--fidelities", "2048"],
+     "--sequence-length 2048 exceeds the model's context of 1024 tokens (max_position_embeddings); lower "
+     "--sequence-length to at most 1024"),
+    (["--fidelities", "64,100000"], "--fidelities up to 100000 needs 1563 sequences of 64 tokens, but corpus"),
 ])
 def test_search_settings_are_refused_in_one_line(checkpoint, capsys, tmp_path, args, message):
     code, line = search(capsys, tmp_path, checkpoint, *args)
@@ -50,6 +54,21 @@ def test_search_settings_are_refused_in_one_line(checkpoint, capsys, tmp_path, a
 def test_budgets_that_remove_everything_or_cannot_be_met(checkpoint, capsys, tmp_path, space, budget, message):
     code, line = search(capsys, tmp_path, checkpoint, space=space, budget=budget)
     assert code == 2 and line.startswith(f"evosearch: error: {message}")
+
+
+def test_fidelities_whose_fitness_cannot_fit_in_memory(checkpoint, capsys, tmp_path, monkeypatch):
+    """2^20 tokens: 1.25 GiB of teacher log-probabilities (x 320 x 4 bytes), 0.75 GiB of inputs to the 2 blocks
+    and the head (x 64 x 4 bytes); refused before the corpus is read, which has far fewer."""
+    monkeypatch.setattr("evosearch.pipeline._available_memory", lambda device: (2**29, "host memory"))
+    code, line = search(capsys, tmp_path, checkpoint, "--fidelities", f"64,{2**20}")
+    assert code == 2 and line == (
+        "evosearch: error: --fidelities up to 1048576: the fitness keeps 2.0 GiB for its 1,048,576 tokens (the "
+        "teacher's log-probabilities, tokens x vocabulary 320 x 4 bytes: 1.2 GiB; every block's input, for prefix "
+        "reuse: 0.8 GiB) but 0.5 GiB of host memory is available; pass --top-k 64 (the teacher keeps 64 "
+        "log-probabilities a token) or use fewer fidelity tokens")
+    code, line = search(capsys, tmp_path, checkpoint, "--fidelities", f"64,{2**20}", "--top-k", "8")
+    assert code == 2 and "(the teacher's top-8 log-probabilities: " in line and line.endswith(
+        "is available; use fewer fidelity tokens")
 
 
 def test_recipes_get_the_same_checks(tmp_path):
