@@ -235,12 +235,15 @@ def _positive(field: str, value: int) -> int:
 def cmd_eval(args) -> int:
     from evosearch.data import load_corpus
     from evosearch.evaluate import perplexity
-    from evosearch.model import load_model
+    from evosearch.model import check_context, load_config, load_model, vocab_size
 
     _positive("tokens", args.tokens)
     _positive("window", args.window)
+    if args.limit is not None:
+        _positive("limit", args.limit)
+    check_context(load_config(args.model), args.window, "--window")
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    corpus = load_corpus(args.corpus, tokenizer, text_field=args.text_field)
+    corpus = load_corpus(args.corpus, tokenizer, text_field=args.text_field, vocab_size=vocab_size(model))
     windows = corpus.evaluation_windows(args.tokens, args.window)
     start = time.perf_counter()
     result = perplexity(model, windows, tokenizer=tokenizer)
@@ -250,8 +253,6 @@ def cmd_eval(args) -> int:
     if args.tasks:
         from evosearch.lmeval import evaluate_tasks
 
-        if args.limit is not None:
-            _positive("limit", args.limit)
         tasks = [t for t in args.tasks.split(",") if t]
         record["tasks"] = evaluate_tasks(model, tokenizer, tasks, windows=windows, task_paths=args.task_path,
                                          limit=args.limit)

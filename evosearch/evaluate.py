@@ -129,6 +129,12 @@ class Teacher:
     def sequence_length(self) -> int:
         return self.sequences.shape[1]
 
+    @staticmethod
+    def storage_bytes(tokens: int, vocab: int, top_k: int | None = None) -> int:
+        """What ``build`` keeps for ``tokens`` positions (in float32): every log-probability, or the
+        top k of them with their int32 indices and the tail's log-mass."""
+        return tokens * vocab * 4 if top_k is None else tokens * (top_k * (4 + 4) + 4)
+
     @classmethod
     @torch.inference_mode()
     def build(cls, model, sequences: torch.Tensor, *, top_k: int | None = None, batch_size: int | None = None,
@@ -138,7 +144,12 @@ class Teacher:
         device = next(model.parameters()).device
         storage_device = torch.device(storage_device) if storage_device is not None else device
         batch_size = batch_size or default_batch_size(model)
+        # The full log-probabilities are written into one tensor: chunks and their concatenation
+        # would need twice its memory at the end.
+        logprobs = None if top_k is not None else torch.empty(
+            sequences.numel(), model.get_output_embeddings().weight.shape[0], dtype=dtype, device=storage_device)
         chunks: list[tuple[torch.Tensor, ...]] = []
+        row = 0
         for start in tqdm(range(0, len(sequences), batch_size), desc="teacher", unit="batch",
                           disable=not progress, leave=False):
             hidden = hidden_states(model, sequences[start : start + batch_size].to(device))
@@ -146,13 +157,14 @@ class Teacher:
             for rows in range(0, len(hidden), ROWS_PER_CHUNK):
                 logp = torch.log_softmax(logits_from_hidden(model, hidden[rows : rows + ROWS_PER_CHUNK]), dim=-1)
                 if top_k is None:
-                    chunks.append((logp.to(storage_device, dtype),))
+                    logprobs[row : row + len(logp)] = logp
+                    row += len(logp)
                 else:
                     values, indices = logp.topk(top_k, dim=-1)
                     tail = torch.logsumexp(logp.scatter(-1, indices, float("-inf")), dim=-1)
                     chunks.append((values, indices.to(torch.int32), tail))
         if top_k is None:
-            return cls(sequences, logprobs=torch.cat([c[0] for c in chunks]))
+            return cls(sequences, logprobs=logprobs)
         values, indices, tail = (torch.cat([c[i] for c in chunks]).to(storage_device) for i in range(3))
         return cls(sequences, top_logprobs=values, top_indices=indices, tail_logprob=tail)
 

@@ -96,7 +96,8 @@ from evosearch.errors import EvosearchError
 from evosearch.evaluate import ROWS_PER_CHUNK, hidden_size, hidden_states, logits_from_hidden, perplexity
 from evosearch.kernels import kl as kl_kernels
 from evosearch.kinds import Keep as KindKeep
-from evosearch.model import load_model, model_fingerprint, resolve_device, resolve_dtype
+from evosearch.model import (check_context, load_config, load_model, model_fingerprint, resolve_device,
+                             resolve_dtype, vocab_size)
 from evosearch.run import Draw, RunFolder, RunResult
 from evosearch.units import Architecture, architecture
 
@@ -458,6 +459,8 @@ def heal(result_dir: str | Path, settings: HealSettings, *, force: bool = False,
     device = resolve_device(settings.device)  # a device this machine lacks fails before --force deletes anything
     folder = RunFolder(result_dir)
     folder.require_result()
+    if settings.sequence_length is not None:  # before --force deletes anything
+        check_context(load_config(folder.model_path), settings.sequence_length, "--sequence-length")
     with folder.lock():
         return _heal(folder, folder.read_result(), settings, device, force, progress)
 
@@ -477,7 +480,7 @@ def _heal(folder: RunFolder, result: RunResult, settings: HealSettings, device: 
     student, _ = load_model(result_dir / "model", device=device, dtype=dtype)
     arch = architecture(student)
     keep = what_to_keep(result, arch)
-    corpus = load_corpus(search.corpus, tokenizer, text_field=search.text_field)
+    corpus = load_corpus(search.corpus, tokenizer, text_field=search.text_field, vocab_size=vocab_size(student))
     length = settings.sequence_length or search.sequence_length
     draws = result.calibration_draws()
     free = healing_windows(corpus, draws, length)
@@ -486,7 +489,7 @@ def _heal(folder: RunFolder, result: RunResult, settings: HealSettings, device: 
     if len(order) > len(free):
         log.warning("heal: %d tokens pass %.1f times over the %d calibration tokens the search did not use",
                     len(order) * length, len(order) / len(free), len(free) * length)
-    evaluations = _evaluation_texts(corpus, search, settings, tokenizer)
+    evaluations = _evaluation_texts(corpus, search, settings, tokenizer, vocab_size(student))
     kl_sequences = fitness_sequences(corpus, draws["fitness"])
 
     identity = {"settings": settings.model_dump(), "model": model_fingerprint(student)}
@@ -580,7 +583,7 @@ def _heal(folder: RunFolder, result: RunResult, settings: HealSettings, device: 
     return section
 
 
-def _evaluation_texts(corpus: Corpus, search, settings: HealSettings, tokenizer) -> dict:
+def _evaluation_texts(corpus: Corpus, search, settings: HealSettings, tokenizer, vocab: int) -> dict:
     """Perplexity windows: the search's held-out text, then each extra corpus as a whole (it was
     used neither for the search nor for healing)."""
     texts = {corpus.name: corpus.evaluation_windows(search.eval_tokens, EVAL_WINDOW)}
@@ -588,7 +591,7 @@ def _evaluation_texts(corpus: Corpus, search, settings: HealSettings, tokenizer)
         if name == corpus.name:
             raise EvosearchError(f"--eval-corpus {name} is the search's corpus, whose held-out part is evaluated "
                                  f"already; name another corpus")
-        other = load_corpus(name, tokenizer)
+        other = load_corpus(name, tokenizer, vocab_size=vocab)
         whole = Corpus(other.name, other.tokens, eval_fraction=1.0)
         available = len(whole.tokens) // EVAL_WINDOW * EVAL_WINDOW
         if available == 0:

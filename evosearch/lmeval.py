@@ -61,18 +61,19 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, windows: torch.Tensor 
     with offline(), _quiet():
         try:
             import lm_eval
+            import lm_eval.evaluator
             from lm_eval.models.huggingface import HFLM
             from lm_eval.tasks import TaskManager
         except ImportError:
             raise EvosearchError('lm-eval tasks need lm-eval: pip install "evosearch[eval]"') from None
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or default_batch_size(model))
         include = [str(p) for p in task_paths]
-        scored_tokens = None
+        window_tokens = None
         if PERPLEXITY_TASK in tasks:
             if windows is None:
                 raise EvosearchError(f"task {PERPLEXITY_TASK} needs the evaluation windows (evosearch eval's "
                                      f"--corpus, --tokens, --window)")
-            folder, scored_tokens = write_perplexity_task(lm, tokenizer, windows)
+            folder, window_tokens = write_perplexity_task(lm, tokenizer, windows)
             include.insert(0, str(folder))
         manager = TaskManager(include_path=include or None)
         unknown = [name for name in tasks if name not in manager.all_tasks and not Path(name).is_file()]
@@ -80,42 +81,45 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, windows: torch.Tensor 
             raise EvosearchError(f"lm-eval has no task {unknown[0]!r}; `lm_eval ls tasks` lists them, and "
                                  f"--task-path DIR adds the YAML files in DIR")
         results = {}
-        for name in tasks:  # one at a time, so that a failure names its task
-            try:
-                output = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
-                                                 bootstrap_iters=0, log_samples=False)
-            except (FileNotFoundError, ConnectionError) as exc:
-                raise EvosearchError(f"lm-eval task {name}: {_missing(exc)}") from None
-            results |= {task: _metrics(metrics) for task, metrics in output["results"].items()}
-    if scored_tokens is not None:
-        results[PERPLEXITY_TASK]["tokens"] = scored_tokens
+        with _no_git_hash(lm_eval.evaluator):
+            for name in tasks:  # one at a time, so that a failure names its task
+                try:
+                    output = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=manager, limit=limit,
+                                                     bootstrap_iters=0, log_samples=False)
+                except (FileNotFoundError, ConnectionError) as exc:
+                    raise EvosearchError(f"lm-eval task {name}: {_missing(exc)}") from None
+                results |= {task: _metrics(metrics) for task, metrics in output["results"].items()}
+                if name == PERPLEXITY_TASK:  # the first windows, as many as --limit left
+                    scored = output["n-samples"][name]["effective"]
+                    results[name]["tokens"] = sum(window_tokens[:scored])
     return results
 
 
-def write_perplexity_task(lm, tokenizer, windows: torch.Tensor) -> tuple[Path, int]:
-    """Write the windows as a JSONL file and a task YAML pointing at it; returns (folder, tokens lm-eval scores).
+def write_perplexity_task(lm, tokenizer, windows: torch.Tensor) -> tuple[Path, list[int]]:
+    """Write the windows as a JSONL file and a task YAML pointing at it; returns (folder, tokens lm-eval
+    scores in each window).
 
     Each line is ``{"text": ..., "tokens": ...}``: a window decoded to text and the number
     of tokens lm-eval scores in it (its own tokenizer call, ``lm.tok_encode``). Retokenising
     reproduces a window exactly unless it was cut inside a run of characters the tokenizer
     merges (two newlines, say): then lm-eval scores a token fewer there, and the count says so.
     """
-    lines = []
+    lines, counts = [], []
     for window in windows.tolist():
         text = tokenizer.decode(window)
-        lines.append(json.dumps({"text": text, "tokens": len(lm.tok_encode(text))}))
+        counts.append(len(lm.tok_encode(text)))
+        lines.append(json.dumps({"text": text, "tokens": counts[-1]}))
     data = "\n".join(lines) + "\n"
-    scored = sum(json.loads(line)["tokens"] for line in lines)
-    if scored != windows.numel():
+    if sum(counts) != windows.numel():
         log.info("lm-eval scores %d tokens where evosearch eval's windows hold %d (retokenising the text merges "
-                 "tokens at some window edges)", scored, windows.numel())
+                 "tokens at some window edges)", sum(counts), windows.numel())
     folder = assets.cache_dir() / "lm-eval" / hashlib.sha256(data.encode()).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
     _write_if_changed(folder / "windows.jsonl", data)
     task = {"include": str(TASKS_DIR / f"{PERPLEXITY_TASK}.yaml"), "task": PERPLEXITY_TASK,
             "dataset_kwargs": {"data_files": {"test": str(folder / "windows.jsonl")}}}
     _write_if_changed(folder / f"{PERPLEXITY_TASK}.yaml", json.dumps(task, indent=1) + "\n")  # JSON is YAML
-    return folder, scored
+    return folder, counts
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -171,6 +175,19 @@ def offline():
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def _no_git_hash(evaluator):
+    """lm-eval records the commit of the current folder by running ``git describe``, whose "fatal: not a
+    git repository" reaches stderr outside a checkout; evosearch keeps no such hash (it would be the
+    user's folder's, not evosearch's), so for this block that record is None."""
+    saved = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = lambda: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = saved
 
 
 class _ModelObjectNotices(logging.Filter):

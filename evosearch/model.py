@@ -77,13 +77,39 @@ def resolve_model_path(source: str | Path | None) -> Path:
             raise EvosearchError(f"model file {path} is not a .gguf file; pass a model directory or a GGUF file")
         return _converted_gguf(path)
     if (path / "config.json").exists():
+        _check_model_files(path)
         return path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
         return _converted_gguf(ggufs[0])
+    if ggufs:
+        raise EvosearchError(f"{path} is not a model directory: it has no config.json and {len(ggufs)} .gguf files "
+                             f"(name one)")
+    inner = sorted(p.name for p in path.iterdir() if (p / "config.json").exists())
     raise EvosearchError(
-        f"{path} is not a model directory: it has no config.json"
-        + (f" and {len(ggufs)} .gguf files (name one)" if ggufs else " and no .gguf file"))
+        f"{path} is not a model directory: it has no config.json and no .gguf file; pass "
+        + (f"its subfolder {path / inner[0]}" if inner else "a folder holding config.json, the weights and the "
+                                                            "tokenizer (save_pretrained writes them)"))
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# A tokenizer is its tokenizer.json or vocabulary files (vocab.json and merges.txt, vocab.txt, a SentencePiece
+# *.model...); tokenizer_config.json alone only configures one, and with nothing transformers makes an empty one.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.*", "merges.txt", "*.model", "*.tiktoken")
+
+
+def _check_model_files(path: Path) -> None:
+    """Name what a model folder lacks, rather than the loader's first complaint about it."""
+    missing = []
+    if not any((path / name).exists() for name in WEIGHT_FILES):
+        missing.append("no weights (model.safetensors, pytorch_model.bin or a sharded *.index.json)")
+    if not any(any(path.glob(pattern)) for pattern in VOCABULARY_FILES):
+        missing.append("no tokenizer (tokenizer.json, or vocabulary files such as vocab.json and merges.txt, "
+                       "vocab.txt or tokenizer.model)")
+    if missing:
+        raise EvosearchError(f"model folder {path} has config.json but {' and '.join(missing)}; save the model and "
+                             f"its tokenizer into it with save_pretrained")
 
 
 def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype | None = None,
@@ -109,6 +135,34 @@ def load_model(source: str | Path | None = None, *, dtype: str | torch.dtype | N
     log.info("loaded %s (%s, %.1fM parameters, %s, %s)", source or assets.DEFAULT_MODEL,
              type(model).__name__, model.num_parameters() / 1e6, dtype, device)
     return model, tokenizer
+
+
+def load_config(source: str | Path | None = None):
+    """The (text) configuration of the model ``source`` names, without its weights: what checks
+    of the settings against the model read before the model is loaded."""
+    from transformers import AutoConfig
+
+    _register_exported_classes()
+    path = resolve_model_path(source)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise EvosearchError(f"could not read the model's configuration {path / 'config.json'}: "
+                             f"{_first_line(exc)}") from None
+    return config.get_text_config()
+
+
+def check_context(config, length: int, flag: str) -> None:
+    """Refuse sequences longer than the model's context (learned positions fail on them, rotary ones degrade)."""
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and length > context:
+        raise EvosearchError(f"{flag} {length} exceeds the model's context of {context} tokens "
+                             f"(max_position_embeddings); lower {flag} to at most {context}")
+
+
+def vocab_size(model) -> int:
+    """The token ids the model's input embedding holds."""
+    return model.get_input_embeddings().num_embeddings
 
 
 def _register_exported_classes() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -38,7 +39,8 @@ from evosearch.errors import EvosearchError
 from evosearch.evaluate import Teacher, perplexity
 from evosearch.fitness import KLFitness
 from evosearch.kinds import Level
-from evosearch.model import load_model, model_fingerprint, resolve_device
+from evosearch.model import (check_context, load_config, load_model, model_fingerprint, resolve_device, resolve_dtype,
+                             vocab_size)
 from evosearch.problem import SearchProblem
 from evosearch.run import RECIPE, SPACE, BaselineRecord, BudgetRecord, Draw, RunFolder, RunResult, SearchRecord
 from evosearch.samplers import heuristics
@@ -113,9 +115,12 @@ def compress(model, tokenizer, *, space: str | Path = "sparsity", budget: float 
         raise EvosearchError("compress: give either settings=... or space/budget/options, not both")
     clock = _Stopwatch()
     spec = CompressionSpace.load(settings.space)
+    check_settings(settings, spec, model.config.get_text_config())
     arch = architecture(model)
     problem, table = search_problem(settings, spec, arch)
     corpus = _corpus(corpus, text, tokens, tokenizer, settings)
+    corpus.check_vocabulary(vocab_size(model))
+    _check_fitness_text(settings, corpus)
     if folder is not None:
         folder.write_text_once(SPACE, f"# {spec.name or 'search'} space for this model and budget {settings.budget:g}: "
                                f"each unit's levels and their resources\n" + problem.space.to_yaml(), resume)
@@ -219,6 +224,7 @@ def run_search(settings: SearchSettings, out: str | Path, *, resume: bool = Fals
     if resume and not folder.path.is_dir():
         raise EvosearchError(f"--out {out} holds no search to resume (there is no such folder); drop --resume "
                              f"to start one")
+    check_settings(settings, CompressionSpace.load(settings.space), load_config(settings.model))
     with folder.lock(f"--out {out}"):  # before --force deletes anything
         folder.prepare(settings, resume, force)
         started = time.perf_counter()
@@ -257,13 +263,68 @@ def search_problem(settings: SearchSettings, spec: CompressionSpace, arch) -> tu
     budget bounds their sum by the limit minus the rest of the model.
     """
     if settings.budget_resource is None:
-        return spec.materialize(arch, settings.budget), None
-    from evosearch import hardware
+        problem, table = spec.materialize(arch, settings.budget), None
+    else:
+        from evosearch import hardware
 
-    table = hardware.HardwareTable.load(settings.hardware) if settings.hardware else None
-    problem = hardware.attach(spec.materialize(arch, None), table)
-    budget = hardware.budget_for(settings.budget_resource, settings.budget, problem, table)
-    return problem.with_budget(budget), table
+        table = hardware.HardwareTable.load(settings.hardware) if settings.hardware else None
+        problem = hardware.attach(spec.materialize(arch, None), table)
+        problem = problem.with_budget(hardware.budget_for(settings.budget_resource, settings.budget, problem, table))
+    problem.budget.check(problem.space)  # the search would, but only after the database is built
+    return problem, table
+
+
+def check_settings(settings: SearchSettings, spec: CompressionSpace, config) -> None:
+    """Refuse what the space, the model's configuration and this machine's memory already rule out,
+    before a model is loaded (``run_search``), a database built or the output folder written."""
+    if settings.budget_resource is None:
+        spec.check_budget(settings.budget)
+    check_context(config, settings.sequence_length, "--sequence-length")
+    _check_fitness_memory(settings, config)
+
+
+def _check_fitness_memory(settings: SearchSettings, config) -> None:
+    """The fitness keeps the teacher's outputs and, for prefix reuse, every block's input (and the last
+    block's output) on all its tokens, on the model's device: refuse fidelities that cannot fit there,
+    which would otherwise run until the kernel kills the process minutes in."""
+    device = resolve_device(settings.device)
+    tokens = _draws(settings)["fitness"].sequences * settings.sequence_length
+    teacher = Teacher.storage_bytes(tokens, config.vocab_size, settings.top_k)
+    itemsize = resolve_dtype(settings.dtype, device).itemsize
+    inputs = (config.num_hidden_layers + 1) * tokens * config.hidden_size * itemsize
+    available, memory = _available_memory(device)
+    if teacher + inputs <= available:
+        return
+    kept = (f"the teacher's top-{settings.top_k} log-probabilities" if settings.top_k else
+            f"the teacher's log-probabilities, tokens x vocabulary {config.vocab_size:,} x 4 bytes")
+    fix = "" if settings.top_k else "pass --top-k 64 (the teacher keeps 64 log-probabilities a token) or "
+    raise EvosearchError(
+        f"--fidelities up to {max(settings.fidelities)}: the fitness keeps {_gib(teacher + inputs)} for its "
+        f"{tokens:,} tokens ({kept}: {_gib(teacher)}; every block's input, for prefix reuse: {_gib(inputs)}) but "
+        f"{_gib(available)} of {memory} is available; {fix}use fewer fidelity tokens")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _available_memory(device: torch.device) -> tuple[int, str]:
+    """Bytes free where the fitness keeps its tensors (the model's device), and what that memory is."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"memory on {device}"
+    try:  # MemAvailable: what can be used without swapping, reclaimable page cache included
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(fields["MemAvailable"].split()[0]) * 1024, "host memory"
+    except (OSError, KeyError, ValueError):  # no /proc (macOS): all of it
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "host memory"
+
+
+def _check_fitness_text(settings: SearchSettings, corpus: Corpus) -> None:
+    draw = _draws(settings)["fitness"]
+    if draw.sequences > len(corpus.calibration) // draw.length:
+        raise EvosearchError(f"--fidelities up to {max(settings.fidelities)} needs {draw.sequences} sequences of "
+                             f"{draw.length} tokens, but corpus {corpus.name!r} has {len(corpus.calibration):,} "
+                             f"calibration tokens; use fewer fidelity tokens or a larger corpus")
 
 
 def sampler_for(settings: SearchSettings, spec: CompressionSpace, problem: SearchProblem, database: Database):
@@ -339,7 +400,7 @@ def worker_fitness(options: dict, device: str | None = None) -> KLFitness:
     model, tokenizer = load_model(settings.model, device=device or settings.device, dtype=settings.dtype)
     arch = architecture(model)
     problem, _ = search_problem(settings, spec, arch)
-    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field)
+    corpus = load_corpus(settings.corpus, tokenizer, text_field=settings.text_field, vocab_size=vocab_size(model))
     database = open_database(settings, problem, model_fingerprint(model), corpus)
     missing = [f"{unit}/{key}" for unit in problem.model_units for key in needed_entries(problem, unit)
                if not database.has(unit, key)]

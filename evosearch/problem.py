@@ -83,10 +83,13 @@ def make_budget(spec: BudgetSpec, space: Space, value: float, rounding: float = 
     keep an average from the value)."""
     if spec.form == "fraction_of_units":
         # All units removed leaves no model to measure (its perplexity is meaningless).
+        units, total = len(space.units), round(value * len(space.units))
         if not 0 <= value < 1:
-            raise EvosearchError(f"--budget {value:g} must be a fraction of units in [0, 1) (1 would remove every "
-                                 f"unit); e.g. 0.25")
-        return Budget(resource=spec.resource, total=round(value * len(space.units)))
+            raise EvosearchError(f"--budget {value:g} must be a fraction of the units in [0, 1) (1 removes every one)")
+        if units and total >= units:
+            raise EvosearchError(f"--budget {value:g} rounds to all {units} units; at most {(units - 1) / units:.4g} "
+                                 f"keeps one")
+        return Budget(resource=spec.resource, total=total)
     if spec.form == "average":
         return Budget(resource=spec.resource, average=value, tolerance=max(rounding, spec.tolerance))
     if spec.form == "max_average":

@@ -36,6 +36,18 @@ def test_perplexity_task_on_the_local_corpus_agrees_with_eval(checkpoint, capsys
                     "--tasks", "evosearch_perplexity"))
 
 
+def test_limit_counts_the_tokens_scored_and_no_git_message_leaks(checkpoint, tmp_path, monkeypatch, capfd):
+    """--limit 1 scores the first of 4 windows; run outside a git checkout, lm-eval's `git describe` said
+    "fatal: not a git repository" on stderr (a subprocess's: capfd sees it, capsys would not)."""
+    model, corpus = checkpoint
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", str(model), "--corpus", str(corpus), "--tokens", "2048", "--window", "512",
+                 "--tasks", "evosearch_perplexity", "--limit", "1", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert 511 <= json.loads(out)["tasks"]["evosearch_perplexity"]["tokens"] <= 512  # one window, not 4
+    assert "fatal" not in err
+
+
 @pytest.mark.real
 def test_perplexity_task_agrees_with_eval_on_the_packaged_model(real, capsys):
     record = eval_json(capsys, "--tokens", "4096", "--tasks", "evosearch_perplexity")

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from evosearch.model import load_model, resolve_dtype
 
 def test_directory_without_tokenizer_is_refused(tmp_path, llama):
     llama.save_pretrained(tmp_path)
-    with pytest.raises(EvosearchError, match="could not load a causal LM"):
+    with pytest.raises(EvosearchError, match="has config.json but no tokenizer"):
         load_model(tmp_path, device="cpu")
 
 
@@ -42,6 +44,29 @@ def test_bad_model_paths(tmp_path, monkeypatch, make, message):
     with pytest.raises(EvosearchError, match=message) as info:
         load_model(make(tmp_path), device="cpu")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("remove, message", [
+    (["model.safetensors"], "has config.json but no weights (model.safetensors"),
+    (["tokenizer.json"], "has config.json but no tokenizer (tokenizer.json"),
+    (["model.safetensors", "tokenizer.json"], "but no weights (model.safetensors, pytorch_model.bin or a sharded "
+                                              "*.index.json) and no tokenizer"),
+])
+def test_a_model_folder_names_the_files_it_lacks(tmp_path, llama, remove, message):
+    """Without them transformers says "Couldn't instantiate the backend tokenizer", or builds an empty tokenizer."""
+    llama.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{}")  # the files are checked before anything is read
+    for name in remove:
+        (tmp_path / name).unlink()
+    with pytest.raises(EvosearchError, match=re.escape(message)) as info:
+        load_model(tmp_path, device="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_a_folder_above_a_model_folder_names_it(tmp_path, llama):
+    llama.save_pretrained(tmp_path / "model")
+    with pytest.raises(EvosearchError, match=f"no config.json and no .gguf file; pass its subfolder {tmp_path}/model$"):
+        load_model(tmp_path, device="cpu")
 
 
 @pytest.mark.real

@@ -215,7 +215,8 @@ def test_recipe_errors_are_one_line(tmp_path):
         Recipe.load(bad)
     with pytest.raises(EvosearchError, match="cannot read it"):
         Recipe.load(tmp_path / "missing.yaml")
-    recipe = Recipe(space="drop", budget=0.25, sampler="nsga2", sampler_options={"direction": "maximize"}, out="x")
+    recipe = Recipe(space="drop", budget=0.25, sampler="nsga2", trials=20,
+                    sampler_options={"direction": "maximize"}, out="x")
     bad.write_text(recipe.to_yaml())
     assert Recipe.load(bad) == recipe and recipe.settings == SearchSettings(**recipe.model_dump(exclude={"out"}))
 

@@ -144,6 +144,10 @@ class Compression(BaseModel):
         another resource, ``SearchProblem.with_budget``), or an EvosearchError if they do."""
         raise NotImplementedError
 
+    def check_budget(self, value: float) -> None:
+        """Refuse a ``--budget`` value out of this kind's range for every model, before a model is loaded
+        (``problem`` checks the rest against the model)."""
+
     # --- the database
     def database_identity(self) -> dict:
         """What this kind's database entries depend on besides the model and calibration text."""

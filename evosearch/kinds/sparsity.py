@@ -93,6 +93,11 @@ class SparsitySpace(Compression):
             identity["reform"] = self.reform.model_dump()
         return identity
 
+    def check_budget(self, value):
+        if isinstance(self.levels, AroundTarget) and not 0 <= value <= self.max_sparsity:
+            raise EvosearchError(f"--budget {value:g} is outside this space's range [0, {self.max_sparsity}] "
+                                 f"of average sparsity")
+
     # --- the problem
     def problem(self, space, arch, target):
         linears = arch.units("linear")
@@ -102,9 +107,7 @@ class SparsitySpace(Compression):
                 raise EvosearchError(f"space {space.name or 'sparsity'} spaces its levels around a target sparsity, "
                                      f"so its budget must be that sparsity; give a list of levels for a latency or "
                                      f"bytes budget")
-            if not 0 <= target <= self.max_sparsity:
-                raise EvosearchError(f"--budget {target} is outside this space's range [0, {self.max_sparsity}] "
-                                     f"of average sparsity")
+            self.check_budget(target)
             sizes = [u.shape[0] * u.shape[1] for u in linears]
             step_weights = max(1, round(self.levels.step * sum(sizes) / len(sizes)))
             for u, size in zip(linears, sizes):

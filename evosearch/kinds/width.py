@@ -90,6 +90,11 @@ class WidthSpace(Compression):
             identity["reform"] = self.reform.model_dump()
         return identity
 
+    def check_budget(self, value):
+        if not 0 < value <= 1:  # 0 keeps nothing: every block removed
+            raise EvosearchError(f"--budget {value:g} must be a fraction of the searched blocks' parameters kept, "
+                                 f"in (0, 1]")
+
     # --- the problem
     def problem(self, space, arch, target):
         """Per block one unit per kind, its levels the widths in steps; level 0 is the uniform width.
