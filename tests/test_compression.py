@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from evosearch.compression import CompressionSpace, ready_spaces
 from evosearch.errors import EvosearchError
@@ -55,3 +56,30 @@ def test_space_errors(tmp_path, llama):
         CompressionSpace.load(bad_level)
     with pytest.raises(EvosearchError, match="outside this space's range"):
         CompressionSpace.load("sparsity").materialize(architecture(llama), 0.99)
+
+
+@pytest.mark.parametrize("shape", [dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                        num_key_value_heads=3),  # SmolLM2-135M
+                                   dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                        num_key_value_heads=8)])  # Llama-3-8B, Mistral, Qwen2 shapes: 8 KV heads
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_evopress_spacing_lets_every_layer_move_both_ways(shape, target):
+    """Steps of the mean layer freeze GQA's small k/v projections (one level at 8B); EvoPress's steps of
+    hidden^2 give every layer at least 5 levels, some denser and some sparser than the target."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from evosearch.kinds.sparsity import AroundTarget
+
+    with torch.device("meta"):
+        arch = architecture(LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, vocab_size=1000, **shape)))
+    base = CompressionSpace.load("sparsity")
+
+    def units(levels):
+        spec = base.model_copy(update={"compression": base.compression.model_copy(update={"levels": levels})})
+        return spec.materialize(arch, target).space.units
+
+    for unit in units(AroundTarget(steps=8, spacing="evopress")):
+        sparsities = unit.resources["sparsity"]
+        assert len(sparsities) >= 5 and min(sparsities) < target < max(sparsities), unit.name
+    frozen = [u for u in units(AroundTarget(steps=4, step=0.1)) if max(u.resources["sparsity"]) < target + 1e-6]
+    assert frozen  # the mean-layer spacing leaves some layer unable to go sparser than the target

@@ -45,17 +45,29 @@ class Sparse(Level):
 
 
 class AroundTarget(BaseModel):
-    """EvoPress spacing: ``steps`` levels on each side of the target sparsity.
+    """Levels on each side of the target sparsity, every step the same number of weights in every layer,
+    so level switches keep the total exactly. Levels are named by their step from the target: level 0
+    is the uniform one, -2 two steps denser.
 
-    One step removes ``step`` x (mean size of the searched layers) weights from a layer,
-    the same number in every layer, so level switches keep the total exactly. Levels are
-    named by their step from the target: level 0 is the uniform one, -2 two steps denser.
+    ``spacing`` says how many weights a step is:
+
+    - ``mean_layer``: ``step`` x the mean size of the searched layers, ``steps`` on each side where the
+      layer has room. Small layers (k/v projections under GQA) then get few levels, or one;
+    - ``evopress``: the reference code's ``0.5 x min(t, 1 - t) / steps x hidden_size^2`` (t the target),
+      up to ``steps`` on each side: a small layer moves in large fractions of itself, a large one in
+      small ones, and every layer has room both ways.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int = Field(8, ge=1, le=64)
-    step: float = Field(0.05, gt=0, le=1)
+    step: float = Field(0.05, gt=0, le=1, description="mean_layer: a step, as a fraction of the mean layer")
+    spacing: Literal["mean_layer", "evopress"] = "mean_layer"
+
+    def step_weights(self, sizes: list[int], hidden: int, target: float) -> int:
+        if self.spacing == "evopress":
+            return max(1, int(0.5 * min(target, 1 - target) / self.steps * hidden**2))
+        return max(1, round(self.step * sum(sizes) / len(sizes)))
 
 
 class SparsitySpace(Compression):
@@ -109,7 +121,7 @@ class SparsitySpace(Compression):
                                      f"bytes budget")
             self.check_budget(target)
             sizes = [u.shape[0] * u.shape[1] for u in linears]
-            step_weights = max(1, round(self.levels.step * sum(sizes) / len(sizes)))
+            step_weights = self.levels.step_weights(sizes, arch.config.hidden_size, target)
             for u, size in zip(linears, sizes):
                 centre = round(target * size)
                 offsets = [k for k in range(-self.levels.steps, self.levels.steps + 1)
