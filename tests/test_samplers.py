@@ -287,3 +287,47 @@ def test_evopress_spends_an_upper_bound_budget_its_start_leaves_unused():
                     sampler_options={"offspring": 16}, progress=False)
     assert_all_feasible(problem, result)
     assert (result.best.value - problem.optimum) / abs(problem.optimum) < 0.2
+
+
+def test_shortgpt_drops_whole_blocks_by_their_influence(llama):
+    """As published: blocks of least block influence go whole, whatever their sub-blocks' own scores."""
+    from conftest import tiny_llama
+    from evosearch.compression import CompressionSpace
+    from evosearch.samplers.heuristics import for_problem
+    from evosearch.units import architecture
+
+    arch = architecture(tiny_llama(layers=4))
+    problem = CompressionSpace.load("drop").materialize(arch, 0.5)  # 4 of the 8 sub-blocks
+    block = {0: 0.9, 1: 0.1, 2: 0.5, 3: 0.2}  # blocks 1 and 3 change the residual stream least
+    sub = {0: 0.01, 1: 0.8, 2: 0.02, 3: 0.9}  # their sub-blocks alone look the most important
+    stats = {arch.block_name(b): {"block_influence": block[b]} for b in block}
+    stats |= {u.name: {"block_influence": sub[problem.model_units[u.name].block]} for u in problem.space.units}
+    result = search(problem.space, lambda a: 0.0, problem.budget, sampler=for_problem("shortgpt", problem, stats),
+                    progress=False)
+    dropped = {problem.model_units[u].block for u, level in result.best.assignment.items() if level == "drop"}
+    assert dropped == {1, 3} and list(result.best.assignment.values()).count("drop") == 4
+
+
+def test_owl_sweeps_lambda_and_m_and_keeps_the_lowest_fitness(llama):
+    """OWL's 5 lambdas x 4 outlier factors are all evaluated; the answer is the best of them."""
+    from evosearch.compression import CompressionSpace
+    from evosearch.samplers.heuristics import OWL_FACTORS, for_problem
+    from evosearch.units import architecture
+
+    arch = architecture(llama)
+    problem = CompressionSpace.load("sparsity").materialize(arch, 0.5)
+    rng = np.random.default_rng(0)
+    stats = {arch.block_name(b): {"outlier_ratios": {m: float(rng.uniform(0, 0.1)) for m in OWL_FACTORS}}
+             for b in range(len(arch.blocks))}
+    table = problem.space.resource_table("sparsity")
+    weight = {u.name: 1 + i for i, u in enumerate(problem.space.units)}
+
+    def fitness(assignment):
+        return sum(weight[u] * table[problem.space._position[u], problem.space.unit(u).levels.index(level)] ** 2
+                   for u, level in assignment.items())
+
+    result = search(problem.space, fitness, problem.budget, sampler=for_problem("owl", problem, stats),
+                    progress=False)
+    values = [t.value for t in result.trials if t.state == "COMPLETE"]
+    assert 1 < len(values) <= 20 and result.best.value == min(values)
+    assert all(problem.budget.is_met(problem.space, t.assignment) for t in result.trials)

@@ -8,7 +8,7 @@ is dense on purpose: a database serves every mix of levels, so there is no singl
 compressed prefix to propagate through.
 
 The same pass records the per-unit statistics that the heuristic baselines need: OWL's
-outlier ratio per block and ShortGPT's block influence (1 - cosine similarity between a
+outlier ratios per block (one per outlier factor M of its sweep) and ShortGPT's block influence (1 - cosine similarity between a
 sub-block's input and output residual stream).
 """
 
@@ -28,7 +28,7 @@ from evosearch.units import Architecture
 
 log = logging.getLogger("evosearch")
 
-OWL_OUTLIER_FACTOR = 5.0  # OWL's M: a weight is an outlier when its Wanda score exceeds M x the layer mean
+OWL_OUTLIER_FACTORS = (3, 5, 7, 10)  # OWL's M (EvoPress's sweep): an outlier's Wanda score exceeds M x the block mean
 
 
 @torch.inference_mode()
@@ -38,7 +38,7 @@ def build_database(model, arch: Architecture, problem: SearchProblem, database: 
     kind = problem.compression
     missing = {unit: [k for k in needed_entries(problem, unit) if not database.has(unit, k)]
                for unit in problem.model_units}
-    need_stats = not database.stats
+    need_stats = not _has_stats(database, arch)
     if not any(missing.values()) and not need_stats:
         log.info("database %s is complete", database.root or "(memory)")
         return
@@ -73,7 +73,7 @@ def build_database(model, arch: Architecture, problem: SearchProblem, database: 
                 database.stats.setdefault(unit, {})["block_influence"] = value
         per_linear = hessians.get("per_linear", {})
         if per_linear and need_stats:
-            database.stats.setdefault(arch.block_name(b), {})["outlier_ratio"] = _outlier_ratio(
+            database.stats.setdefault(arch.block_name(b), {})["outlier_ratios"] = _outlier_ratios(
                 [(arch.module(n).weight, per_linear[n].column_norms()) for n in linears])
         for unit in by_block[b]:
             kind.build(arch, problem.model_units[unit], per_linear, missing[unit], problem.levels[unit], database)
@@ -99,15 +99,21 @@ def _hessian_hooks(arch: Architecture, b: int) -> dict:
     return {"per_linear": per_linear, "hooks": hooks}
 
 
-def _outlier_ratio(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """OWL's layerwise outlier distribution: the share of a block's weights whose Wanda score
-    |W_ij| * ||X_j|| exceeds M times its layer's mean score."""
-    outliers, total = 0, 0
-    for weight, norms in layers:
-        score = weight.abs().float() * norms.float()[None, :]
-        outliers += int((score > OWL_OUTLIER_FACTOR * score.mean()).sum())
-        total += score.numel()
-    return outliers / total
+def _has_stats(database: Database, arch: Architecture) -> bool:
+    """Whether the database holds the baselines' statistics as this version reads them (a database built
+    by an earlier one has OWL's ratio for one M only: the statistics are gathered again, its entries kept)."""
+    first = database.stats.get(arch.block_name(0), {})
+    return "block_influence" in first and "outlier_ratios" in first
+
+
+def _outlier_ratios(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """OWL's outlier ratio of a block for each M of ``OWL_OUTLIER_FACTORS``: the share of the block's weights
+    whose Wanda score |W_ij| * ||X_j|| exceeds M times the mean score of all the block's weights (as OWL
+    and the EvoPress reference compute it, over the block, not per layer)."""
+    scores = [weight.abs().float() * norms.float()[None, :] for weight, norms in layers]
+    total = sum(score.numel() for score in scores)
+    mean = sum(float(score.sum()) for score in scores) / total
+    return {str(m): sum(int((score > m * mean).sum()) for score in scores) / total for m in OWL_OUTLIER_FACTORS}
 
 
 class _InfluenceMeter:
