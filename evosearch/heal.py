@@ -229,19 +229,13 @@ def draw_starts(corpus: Corpus, draw: Draw) -> np.ndarray:
 
 def fitness_sequences(corpus: Corpus, draw: Draw) -> torch.Tensor:
     """The sequences the search's fitness (its KL) was measured on."""
-    windows = np.stack([corpus.calibration[s : s + draw.length] for s in draw_starts(corpus, draw)])
-    return torch.from_numpy(windows.astype(np.int64))
+    return corpus.windows(corpus.calibration, draw_starts(corpus, draw), draw.length)
 
 
 def healing_windows(corpus: Corpus, draws: dict[str, Draw], length: int) -> np.ndarray:
     """Starts (in ``corpus.calibration``) of the windows of ``length`` tokens that share no token
     with the search's ``draws`` (``RunResult.calibration_draws``): the text the heal may use."""
-    used = np.zeros(len(corpus.calibration), dtype=bool)
-    for draw in draws.values():
-        for start in draw_starts(corpus, draw):
-            used[start : start + draw.length] = True
-    slots = len(used) // length
-    free = np.flatnonzero(~used[: slots * length].reshape(slots, length).any(axis=1)) * length
+    free = corpus.unused_starts([(draw_starts(corpus, d), d.length) for d in draws.values()], length)
     if len(free) == 0:
         raise EvosearchError(f"corpus {corpus.name!r} has no calibration window of {length} tokens that the search "
                              f"did not use; use a shorter --sequence-length")
@@ -519,7 +513,7 @@ def _heal(folder: RunFolder, result: RunResult, settings: HealSettings, device: 
     try:
         for step in bar:
             starts = order[step * settings.batch_size : (step + 1) * settings.batch_size]
-            batch = torch.from_numpy(np.stack([corpus.calibration[s : s + length] for s in starts]).astype(np.int64))
+            batch = corpus.windows(corpus.calibration, starts, length)
             losses.append(_train_step(student, teacher, batch.to(device), settings, autocast))
             trainee.step()
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -592,8 +586,8 @@ def _evaluation_texts(corpus: Corpus, search, settings: HealSettings, tokenizer,
             raise EvosearchError(f"--eval-corpus {name} is the search's corpus, whose held-out part is evaluated "
                                  f"already; name another corpus")
         other = load_corpus(name, tokenizer, vocab_size=vocab)
-        whole = Corpus(other.name, other.tokens, eval_fraction=1.0)
-        available = len(whole.tokens) // EVAL_WINDOW * EVAL_WINDOW
+        whole = other.whole()
+        available = len(whole.tokens) // whole.text_length(EVAL_WINDOW) * EVAL_WINDOW
         if available == 0:
             raise EvosearchError(f"corpus {name!r} is shorter than one window of {EVAL_WINDOW} tokens")
         texts[name] = whole.evaluation_windows(min(search.eval_tokens, available), EVAL_WINDOW)

@@ -183,8 +183,13 @@ def _converted_gguf(gguf: Path) -> Path:
     config), so the dequantised weights are moved into a model built from the plain config.
     The copy keeps the dequantised values exactly (float32).
     """
+    import transformers
+
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    # Keyed by transformers' major version too: a tokenizer saved by transformers 5 names a class
+    # (TokenizersBackend) that transformers 4 cannot load, and the other way round.
+    major = transformers.__version__.split(".")[0]
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{major}".encode()).hexdigest()[:16]
     target = assets.cache_dir() / "converted" / f"{gguf.stem}-{key}"
     if (target / "config.json").exists():
         return target

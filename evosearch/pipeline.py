@@ -31,7 +31,7 @@ import torch
 from evosearch import assets
 from evosearch.candidate import CandidateModel
 from evosearch.compression import CompressionSpace
-from evosearch.data import Corpus, load_corpus
+from evosearch.data import Corpus, load_corpus, text_prefix
 from evosearch.database.build import build_database, needed_entries
 from evosearch.database.store import Database
 from evosearch.engine import _storage, journal_path, search
@@ -371,7 +371,7 @@ def _corpus(corpus, text, tokens, tokenizer, settings: SearchSettings) -> Corpus
     if text is not None:
         documents = [text] if isinstance(text, str) else list(text)
         ids = tokenizer("\n\n".join(d.strip() for d in documents if d.strip()), add_special_tokens=False)["input_ids"]
-        return Corpus("text", np.asarray(ids, dtype=np.int32))
+        return Corpus("text", np.asarray(ids, dtype=np.int32), prefix=text_prefix(tokenizer))
     if tokens is not None:
         ids = tokens.cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
         return Corpus("tokens", ids.reshape(-1).astype(np.int32))

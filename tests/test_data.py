@@ -82,3 +82,35 @@ def test_brown_detokenisation():
 def test_brown_is_large_and_split(brown):
     assert len(brown.tokens) > 1_000_000
     assert len(brown.calibration) > 4 * len(brown.evaluation) - 10
+
+
+def test_every_window_starts_with_the_bos_token_where_the_tokenizer_adds_one(tmp_path):
+    """As lm-eval's rolling loglikelihood: a model whose tokenizer adds BOS sees it at the start of every
+    window, evaluation and calibration alike; one whose tokenizer adds none (SmolLM2's) sees text only."""
+    import tiny_checkpoint
+    from transformers import AutoTokenizer
+
+    from evosearch.data import load_corpus, text_prefix
+
+    model_dir, text = tiny_checkpoint.save(tmp_path)
+    plain = AutoTokenizer.from_pretrained(model_dir)
+    assert text_prefix(plain) == ()
+    bos = AutoTokenizer.from_pretrained(model_dir)
+    bos.add_bos_token = True
+    bos.bos_token = "<|endoftext|>"
+    bos._tokenizer.post_processor = __import__("tokenizers").processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos.convert_tokens_to_ids("<|endoftext|>"))])
+    prefix = text_prefix(bos)
+    assert prefix == (bos.bos_token_id,)
+    for tokenizer, expected in ((plain, ()), (bos, prefix)):
+        corpus = load_corpus(text, tokenizer)
+        assert corpus.prefix == expected
+        windows = [corpus.evaluation_windows(256, 64), corpus.calibration_sequences(4, 64, seed=0)]
+        for w in windows:
+            assert w.shape[1] == 64
+            assert (w[:, : len(expected)] == torch.tensor(expected, dtype=w.dtype)).all()
+            assert bool((w[:, 0] == bos.bos_token_id).all()) == bool(expected)  # the text itself starts with none
+        # consecutive evaluation windows continue the text where the last stopped, after the prefix
+        ev = windows[0]
+        step = 64 - len(expected)
+        assert torch.equal(ev[1, len(expected):], torch.from_numpy(corpus.evaluation[step: 2 * step].astype("int64")))
